@@ -1,0 +1,1 @@
+"""ambient-lab: learn Istio ambient mode on real network namespaces."""

@@ -1,0 +1,398 @@
+"""`ambient-lab`: the lab's command line, shaped like kubectl (and, for the mesh, istioctl).
+
+Every command takes `--name LAB` and otherwise acts on the default lab. Commands that change
+or read the cluster are requests to the lab's supervisor (lab/supervisor); `exec` and `logs`
+run here, in the caller's terminal, inside the pod's network namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from . import manifests, state
+from .errors import LabError
+from .state import DEFAULT_LAB
+
+NEXT_STEPS = """\
+Next, in this terminal or another one (as root):
+  ambient-lab get pods -o wide                      the pods, their IPs and nodes
+  ambient-lab exec deploy/curl -- curl -s http://productpage:9080/productpage | grep -o '<title>.*</title>'
+  ambient-lab get svc                               the ClusterIPs kube-proxy serves
+  ip netns list                                     every node and pod is a network namespace
+  ip netns exec {node} iptables-legacy-save -t nat   kube-proxy's rules on a node
+  ambient-lab label namespace default istio.io/dataplane-mode=ambient
+  ambient-lab down                                  remove the lab (nothing is left behind)"""
+
+
+def default_scenario() -> str:
+    return str(resources.files("lab") / "scenarios" / "default.yaml")
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root: it creates network namespaces, veths and iptables rules",
+                       "run it with sudo, e.g. sudo ambient-lab up")
+
+
+def lab_name(args: argparse.Namespace) -> str:
+    return state.check_lab_name(args.name or os.environ.get("AMBIENT_LAB") or DEFAULT_LAB)
+
+
+def request(args: argparse.Namespace, op: str, **fields) -> dict:
+    from .supervisor.client import call
+
+    return call(lab_name(args), op, **fields)
+
+
+def emit(reply: dict) -> int:
+    if reply.get("stdout"):
+        print(reply["stdout"])
+    if reply.get("stderr"):
+        print(reply["stderr"], file=sys.stderr)
+    return int(reply.get("exit", 0))
+
+
+# -- up / down / status ------------------------------------------------------------------------
+def supervisor_alive(lab: str) -> bool:
+    rec = state.LabRecord.load(lab)
+    return bool(rec and rec.supervisor and state.is_alive(rec.supervisor))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    need_root()
+    lab = lab_name(args)
+    if supervisor_alive(lab):
+        raise LabError(f"a lab named {lab!r} is already running",
+                       f"use it, remove it with `sudo ambient-lab down --name {lab}`, or pick another --name")
+    files = [str(Path(f).resolve()) for f in args.filename] or [default_scenario()]
+    loaded = manifests.load_files(files)  # bad input fails here, before anything is built
+    workers = args.nodes or (loaded.cluster.workers if loaded.cluster else 2)
+    if not 1 <= workers <= 20:
+        raise LabError(f"--nodes {workers}: the lab builds 1 to 20 worker nodes")
+    missing = [t for t in ("ip", "iptables-legacy-restore", "iptables-legacy-save") if not _which(t)]
+    if missing:
+        raise LabError(f"missing tools: {', '.join(missing)}", "install them with: sudo make setup "
+                       "(or apt-get install iptables iproute2); `ambient-lab doctor` checks everything")
+    if state.LabRecord.load(lab):  # a previous supervisor died: clear what it left first
+        print(f"removing what a previous run of lab {lab!r} left behind", file=sys.stderr)
+        from .cleanup import teardown
+
+        teardown(state.LabRecord.load(lab))  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    os.makedirs(state.run_dir(lab), exist_ok=True)
+    log = open(os.path.join(state.run_dir(lab), "supervisor.log"), "ab")
+    cmd = [sys.executable, "-m", "lab.supervisor", "--name", lab, "--nodes", str(workers)]
+    for f in files:
+        cmd += ["-f", f]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    from .supervisor.client import request as sup_request
+    from .supervisor.server import supervisor_socket
+
+    while not os.path.exists(supervisor_socket(lab)):
+        if proc.poll() is not None:
+            raise LabError(f"the supervisor exited at start (code {proc.returncode})",
+                           f"see {state.run_dir(lab)}/supervisor.log")
+        time.sleep(0.01)
+    try:
+        for msg in sup_request(lab, "wait_ready", timeout=300):
+            if "progress" in msg and not args.quiet:
+                print("  " + msg["progress"], file=sys.stderr)
+    except LabError:
+        proc.wait(timeout=30)  # the supervisor removes what it built before it exits
+        raise
+    if not args.quiet:
+        print(f"lab {lab!r} is up ({time.monotonic() - t0:.2f}s). ", file=sys.stderr)
+        print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
+    return 0
+
+
+def _which(tool: str) -> bool:
+    import shutil
+
+    return shutil.which(tool) is not None or shutil.which(tool, path="/usr/sbin:/sbin") is not None
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    need_root()
+    labs = state.running_labs() if args.all else [lab_name(args)]
+    if args.all and not labs:
+        print("no labs to remove", file=sys.stderr)
+    for lab in labs:
+        down_one(lab)
+    return 0
+
+
+def down_one(lab: str) -> None:
+    """Ask the supervisor to remove its lab; if it is gone, remove what its record lists ourselves."""
+    from .cleanup import teardown
+    from .supervisor.client import call
+
+    rec = state.LabRecord.load(lab)
+    if rec is None:
+        print(f"lab {lab!r} is not running: nothing to remove", file=sys.stderr)
+        return
+    t0 = time.monotonic()
+    if rec.supervisor and state.is_alive(rec.supervisor):
+        try:
+            call(lab, "down", timeout=30)
+        except LabError:
+            pass
+        deadline = time.monotonic() + 10
+        while state.is_alive(rec.supervisor) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    rec = state.LabRecord.load(lab)  # the supervisor may have removed it all already
+    if rec is not None:
+        teardown(rec)
+    print(f"lab {lab!r} removed ({time.monotonic() - t0:.2f}s)", file=sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    lab = lab_name(args)
+    r = request(args, "status")
+    print(f"lab {lab}: up {int(r['uptime'])}s, {r['pods']['running']}/{r['pods']['total']} pods running, "
+          f"{r['services']} services, {r['netns']} network namespaces, {r['processes']} processes")
+    for n in r["nodes"]:
+        print(f"  node {n['name']:<24} {n['ip']:<12} pods {n['pod_cidr']:<16} netns {n['netns']}")
+    return 0
+
+
+# -- kubectl-shaped commands -------------------------------------------------------------------
+def cmd_get(args: argparse.Namespace) -> int:
+    name = args.name_arg
+    kind = args.kind
+    if "/" in kind and not name:
+        kind, name = kind.split("/", 1)
+    r = request(args, "get", kind=kind, name=name, namespace=args.namespace, all_namespaces=args.all_namespaces,
+                output=args.output or "", show_labels=args.show_labels)
+    return emit(r)
+
+
+def read_docs(filenames: list[str]) -> list[dict]:
+    docs = []
+    for f in filenames:
+        if f == "-":
+            docs.append({"text": sys.stdin.read(), "file": "<stdin>"})
+            continue
+        for path in manifests.manifest_files([f]):
+            docs.append({"text": path.read_text(), "file": str(path)})
+    return docs
+
+
+def cmd_apply(args: argparse.Namespace, op: str = "apply") -> int:
+    docs = read_docs(args.filename)
+    # Validate here too, so a bad file fails with its path before the lab is touched.
+    for d in docs:
+        manifests.load_text(d["text"], d["file"], args.namespace or "")
+    return emit(request(args, op, docs=docs, namespace=args.namespace))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    return cmd_apply(args, "delete")
+
+
+def parse_label_changes(words: list[str]) -> dict[str, str | None]:
+    changes: dict[str, str | None] = {}
+    for w in words:
+        if w.endswith("-") and "=" not in w:
+            changes[w[:-1]] = None
+        elif "=" in w:
+            k, v = w.split("=", 1)
+            if not k:
+                raise LabError(f"invalid label {w!r}", "write labels as key=value, or key- to remove one")
+            changes[k] = v
+        else:
+            raise LabError(f"invalid label {w!r}", "write labels as key=value, or key- to remove one")
+    return changes
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    target = words.pop(0)
+    if "/" in target:
+        kind, name = target.split("/", 1)
+    else:
+        if not words:
+            raise LabError("label needs a kind and a name", "e.g. ambient-lab label namespace default key=value")
+        kind, name = target, words.pop(0)
+    if not words:
+        raise LabError("at least one label update is required", "e.g. istio.io/dataplane-mode=ambient, or key- to remove")
+    return emit(request(args, "label", kind=kind, name=name, namespace=args.namespace,
+                        changes=parse_label_changes(words), overwrite=args.overwrite))
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    need_root()
+    cmd = args.command
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise LabError("you must specify at least one command for the container",
+                       "e.g. ambient-lab exec deploy/curl -- curl -s http://productpage:9080/productpage")
+    pod = request(args, "resolve_pod", ref=args.pod, namespace=args.namespace)
+    if pod["phase"] != "Running":
+        raise LabError(f"pod {pod['pod']} is {pod['phase']}, not Running", "wait for it, or see ambient-lab get pods")
+    env = {**os.environ, "HOSTNAME": pod["pod"]}
+    try:
+        rc = subprocess.call(["ip", "netns", "exec", pod["netns"], *cmd], env=env)
+    except KeyboardInterrupt:
+        rc = 130
+    if rc != 0:
+        print(f"command terminated with exit code {rc}", file=sys.stderr)
+    return rc
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    pod = request(args, "resolve_pod", ref=args.pod, namespace=args.namespace)
+    path = pod["log"]
+    with open(path, "rb") as f:
+        data = f.read()
+        lines = data.decode(errors="replace").splitlines()
+        if args.tail is not None and args.tail >= 0:
+            lines = lines[-args.tail:] if args.tail else []
+        for line in lines:
+            print(line)
+        if args.follow:
+            try:
+                while True:
+                    chunk = f.read()
+                    if chunk:
+                        sys.stdout.write(chunk.decode(errors="replace"))
+                        sys.stdout.flush()
+                    else:
+                        time.sleep(0.2)
+            except KeyboardInterrupt:
+                return 0
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .events import Event
+    from .supervisor.client import request as sup_request
+
+    try:
+        for msg in sup_request(lab_name(args), "trace", timeout=None, follow=args.follow, pod=args.pod or ""):
+            if "event" in msg:
+                ev = Event.from_dict(msg["event"])
+                if args.output == "json":
+                    print(ev.to_json(), flush=True)
+                else:
+                    print(ev.line(), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    return doctor.main()
+
+
+def cmd_default(args: argparse.Namespace) -> int:
+    """No command: bring up the default lab if it is not running, then show what to do next."""
+    need_root()
+    lab = lab_name(args)
+    if supervisor_alive(lab):
+        print(f"lab {lab!r} is already running.", file=sys.stderr)
+        print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
+        return 0
+    args.filename, args.nodes, args.quiet = [], 0, False
+    return cmd_up(args)
+
+
+# -- the parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", help=f"the lab to act on (default: $AMBIENT_LAB or {DEFAULT_LAB!r})")
+    ns = argparse.ArgumentParser(add_help=False)
+    ns.add_argument("-n", "--namespace", help="the Kubernetes namespace (default: default)")
+
+    ap = argparse.ArgumentParser(prog="ambient-lab", parents=[common],
+                                 description="Learn Istio ambient mode on a cluster of Linux network namespaces.",
+                                 epilog="With no command: bring up the default lab (bookinfo + curl + sleep) and show "
+                                        "what to do next. `ambient-lab COMMAND -h` explains each command.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("up", parents=[common], help="build a lab from manifests and start its supervisor")
+    p.add_argument("-f", "--filename", action="append", default=[], help="manifest file or directory (repeatable); "
+                   "default: the bookinfo + curl + sleep scenario")
+    p.add_argument("--nodes", type=int, default=0, help="worker nodes (default 2, or a kind cluster file's count)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", parents=[common], help="remove a lab: every namespace, process and file it made")
+    p.add_argument("--all", action="store_true", help="remove every lab on this machine")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", parents=[common], help="the lab's nodes, pods and processes at a glance")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("get", parents=[common, ns], help="list objects, like kubectl get",
+                       description="kinds: nodes, pods (po), services (svc), namespaces (ns), serviceaccounts (sa), "
+                                   "deployments (deploy), gateways (gtw), httproutes, authorizationpolicies")
+    p.add_argument("kind")
+    p.add_argument("name_arg", nargs="?", metavar="NAME")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-o", "--output", choices=["wide", "yaml", "json"])
+    p.add_argument("--show-labels", action="store_true")
+    p.set_defaults(func=cmd_get)
+
+    for verb, fn, text in (("apply", cmd_apply, "create or update objects from manifests"),
+                           ("delete", cmd_delete, "delete the objects a manifest names")):
+        p = sub.add_parser(verb, parents=[common, ns], help=text)
+        p.add_argument("-f", "--filename", action="append", required=True, help="file, directory, or - for stdin")
+        p.set_defaults(func=fn)
+
+    p = sub.add_parser("label", parents=[common, ns], help="set (key=value) or remove (key-) labels",
+                       description="e.g. ambient-lab label namespace default istio.io/dataplane-mode=ambient")
+    p.add_argument("words", nargs="+", metavar="KIND NAME KEY=VALUE|KEY-")
+    p.add_argument("--overwrite", action="store_true", help="replace a label that already has a value")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("exec", parents=[common, ns], help="run a command inside a pod's network namespace",
+                       description="e.g. ambient-lab exec deploy/curl -- curl -s http://productpage:9080/productpage")
+    p.add_argument("-i", "--stdin", action="store_true", help="accepted for kubectl compatibility (always on)")
+    p.add_argument("-t", "--tty", action="store_true", help="accepted for kubectl compatibility")
+    p.add_argument("pod", metavar="POD|deploy/NAME")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("logs", parents=[common, ns], help="a pod's app log")
+    p.add_argument("pod", metavar="POD|deploy/NAME")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", type=int, default=None)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("trace", parents=[common], help="the lab's event stream, one readable line per step")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--pod", help="only events about pods whose name starts with this")
+    p.add_argument("-o", "--output", choices=["json"], help="one JSON object per line")
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("doctor", parents=[common], help="check this machine can run the lab, with the fix for each problem")
+    p.set_defaults(func=cmd_doctor)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func = getattr(args, "func", cmd_default)
+    try:
+        return func(args)
+    except LabError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.fix:
+            print(f"  fix: {e.fix}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

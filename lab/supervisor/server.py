@@ -1,0 +1,495 @@
+"""The lab supervisor: owns one lab, makes the kernel match the API server, answers clients.
+
+It plays the parts of a real cluster that keep things running: kind (nodes), the kubelets and
+the primary CNI (pods), kube-proxy (service rules), and the API endpoint the CLI and TUI talk
+to. It is one asyncio process; every call that enters a network namespace runs on one
+dedicated "kernel" thread, because setns moves only the calling thread (lab/netns.py).
+
+Clients speak newline-delimited JSON over `/run/ambient-lab/<lab>/supervisor.sock`: one
+request line, then one or more reply lines, the last with `"done": true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Awaitable, Callable
+
+from .. import addressing, cluster, dns, kubelet, kubeproxy, manifests, printers
+from ..apiserver import ApiServer, resolve_kind
+from ..cleanup import stop_processes, teardown
+from ..errors import LabError
+from ..events import Event, events_socket
+from ..model import Node, Pod
+from ..state import LabRecord, process_start_time, run_dir
+
+SOCKET_NAME = "supervisor.sock"
+EVENT_HISTORY = 20_000
+READINESS_TIMEOUT = 10.0
+
+Reply = Callable[[dict], Awaitable[None]]
+
+
+def supervisor_socket(lab: str) -> str:
+    return os.path.join(run_dir(lab), SOCKET_NAME)
+
+
+class Supervisor:
+    def __init__(self, lab: str, workers: int, files: list[str]) -> None:
+        self.lab = lab
+        self.files = files
+        self.nodes: list[Node] = addressing.plan_nodes(lab, workers)
+        self.api = ApiServer(lab=lab, nodes=self.nodes)
+        self.record = LabRecord(lab=lab)
+        self.kernel = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
+        self.running: dict[tuple, Pod] = {}  # pods whose sandbox and app exist
+        self.kube_proxy_rules: dict[str, str] = {}
+        self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_HISTORY)
+        self.subscribers: set[asyncio.Queue] = set()
+        self.progress: list[str] = []
+        self.ready = asyncio.Event()
+        self.failed: str = ""
+        self.fix: str = ""
+        self.stopping = asyncio.Event()
+        self.started = time.time()
+        self.lock = asyncio.Lock()  # one change to the cluster at a time
+        self._children: dict[int, Any] = {}  # Popen objects, so exits are reaped and seen
+
+    # -- events -------------------------------------------------------------------------------
+    def publish(self, ev: Event) -> None:
+        self.events.append(ev)
+        for q in list(self.subscribers):
+            if q.qsize() < 10_000:
+                q.put_nowait(ev)
+
+    def emit(self, kind: str, msg: str, *, component: str = "supervisor", node: str = "", pod: str = "",
+             flow: str = "", **fields: Any) -> None:
+        self.publish(Event(kind=kind, msg=msg, component=component, node=node, pod=pod, flow=flow, fields=fields))
+
+    def say(self, msg: str) -> None:
+        """A progress line for whoever waits on `up`."""
+        self.progress.append(msg)
+        self.emit("lab.progress", msg)
+
+    async def on_kernel(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.kernel, fn, *args)
+
+    # -- building ------------------------------------------------------------------------------
+    async def build(self) -> None:
+        t0 = time.monotonic()
+        loaded = manifests.load_files(self.files) if self.files else manifests.Manifests()
+        self.say(f"creating {len(self.nodes)} nodes ({', '.join(n.name for n in self.nodes)}) and the fabric network")
+        await self.on_kernel(cluster.build_fabric, self.lab, self.record)
+        for node in self.nodes:
+            await self.on_kernel(cluster.build_node, self.lab, node, self.nodes, self.record)
+            self.emit("node.created", f"node {node.name} is up at {node.ip} with pod CIDR {node.pod_cidr}",
+                      node=node.name)
+        self.write_dns_records()
+        for node in self.nodes:
+            self.start_process(["ip", "netns", "exec", node.netns, sys.executable, "-m", "lab.dns",
+                                "--records", self.dns_records_path, "--listen", addressing.CLUSTER_DNS_IP],
+                               f"kube-dns {node.name}", os.path.join(self.logs_dir, f"kube-dns_{node.name}.log"))
+        if loaded.resources:
+            async with self.lock:
+                self.api.apply(loaded.resources)
+                for w in self.api.selector_warnings():
+                    self.say("warning: " + w)
+                await self.sync(progress=True)
+        self.say(f"lab {self.lab} ready in {time.monotonic() - t0:.2f}s")
+
+    @property
+    def logs_dir(self) -> str:
+        return os.path.join(run_dir(self.lab), "logs")
+
+    @property
+    def dns_records_path(self) -> str:
+        return os.path.join(run_dir(self.lab), "dns.json")
+
+    def start_process(self, cmd: list[str], what: str, log: str) -> int:
+        import subprocess
+
+        with open(log, "ab") as f:
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.record.add_process(p.pid, what)
+        self._children[p.pid] = p
+        return p.pid
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    async def sync(self, progress: bool = False) -> None:
+        """Make pods, DNS and kube-proxy rules match the API server (the kubelets' and kube-proxy's loop)."""
+        wanted = {p.key: p for p in self.api.pods() if p.node}
+        gone = [k for k in self.running if k not in wanted]
+        new = [p for k, p in wanted.items() if k not in self.running]
+        for key in gone:
+            pod = self.running.pop(key)
+            stop_processes([e for e in self.record.processes if e.pid == pod.pid], grace=0.3)
+            self.record.drop_process(pod.pid)
+            if (child := self._children.pop(pod.pid, None)) is not None:
+                child.wait()
+            await self.on_kernel(kubelet.delete_sandbox, pod, self.record)
+            self.emit("pod.deleted", f"pod {pod.namespace}/{pod.name} deleted from {pod.node}", node=pod.node,
+                      pod=pod.name)
+        if new and progress:
+            self.say(f"starting {len(new)} pods")
+        for pod in new:
+            await self.on_kernel(kubelet.create_sandbox, pod, self.node(pod.node), self.record)
+            proc = kubelet.start_app(pod, os.path.join(self.logs_dir, f"{pod.namespace}_{pod.name}.log"), self.record)
+            self._children[proc.pid] = proc
+            pod.phase = "ContainerCreating"
+            self.running[pod.key] = pod
+            self.emit("pod.created", f"pod {pod.namespace}/{pod.name} got {pod.ip} on {pod.node}, "
+                      f"running the {pod.app} app", node=pod.node, pod=pod.name, ip=pod.ip, netns=pod.netns)
+        if new:
+            await asyncio.gather(*(self.wait_pod_ready(p) for p in new))
+        self.write_dns_records()
+        await self.sync_kube_proxy()
+
+    async def wait_pod_ready(self, pod: Pod) -> None:
+        """kubelet's readiness probe: a TCP connect to each declared port from inside the pod."""
+        ports = sorted({p.container_port for c in pod.template.containers for p in c.ports}) if pod.template else []
+        deadline = time.monotonic() + READINESS_TIMEOUT
+        for port in ports:
+            while True:
+                if process_start_time(pod.pid) is None or self._exited(pod.pid):
+                    pod.phase = "Failed"
+                    self.emit("pod.failed", f"pod {pod.namespace}/{pod.name}: its app exited", pod=pod.name,
+                              node=pod.node)
+                    return
+                sock = await self.on_kernel(_socket_in, pod.netns)
+                try:
+                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 1)
+                    break
+                except (OSError, asyncio.TimeoutError):
+                    if time.monotonic() > deadline:
+                        pod.phase = "Failed"
+                        return
+                    await asyncio.sleep(0.02)
+                finally:
+                    sock.close()
+        pod.phase = "Running"
+
+    def _exited(self, pid: int) -> bool:
+        p = self._children.get(pid)
+        return p is not None and p.poll() is not None
+
+    def write_dns_records(self) -> None:
+        services = {}
+        for svc in self.api.services():
+            if svc.cluster_ip and svc.cluster_ip != "None":
+                services[addressing.service_fqdn(svc.name, svc.namespace)] = svc.cluster_ip
+        services[addressing.service_fqdn("kubernetes", "default")] = addressing.KUBERNETES_SERVICE_IP
+        services[addressing.service_fqdn("kube-dns", "kube-system")] = addressing.CLUSTER_DNS_IP
+        pods = {f"{p.ip.replace('.', '-')}.{p.namespace}.pod.{addressing.CLUSTER_DOMAIN}": p.ip
+                for p in self.api.pods() if p.ip}
+        tmp = self.dns_records_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"services": services, "pods": pods}, f)
+        os.replace(tmp, self.dns_records_path)
+
+    def kube_proxy_input(self) -> list[kubeproxy.ServicePortRule]:
+        out = []
+        for svc in self.api.services():
+            if not svc.cluster_ip or svc.cluster_ip == "None":
+                continue
+            eps = self.api.endpoints(svc)
+            for sp in svc.ports:
+                out.append(kubeproxy.ServicePortRule(
+                    namespace=svc.namespace, name=svc.name, port_name=sp.name, cluster_ip=svc.cluster_ip,
+                    port=sp.port, protocol=sp.protocol,
+                    endpoints=[kubeproxy.ServiceEndpoint(e.ip, e.port) for e in eps.get(sp.name, [])]))
+        return out
+
+    async def sync_kube_proxy(self) -> None:
+        text = kubeproxy.render_rules(self.kube_proxy_input())
+        for node in self.nodes:
+            if self.kube_proxy_rules.get(node.name) != text:
+                await self.on_kernel(kubeproxy.install_rules, node.netns, text)
+                self.kube_proxy_rules[node.name] = text
+                self.emit("kube-proxy.synced", f"kube-proxy rewrote the service rules on {node.name}",
+                          component="kube-proxy", node=node.name, services=len(self.api.services()))
+
+    # -- teardown -----------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        self.emit("lab.down", f"lab {self.lab} is being removed")
+        await self.on_kernel(teardown, self.record, False)
+        self.kernel.shutdown(wait=False)
+
+    # -- client protocol ----------------------------------------------------------------------
+    async def serve(self) -> None:
+        os.makedirs(self.logs_dir, exist_ok=True)
+        path = supervisor_socket(self.lab)
+        server = await asyncio.start_unix_server(self.handle_client, path=path)
+        os.chmod(path, 0o600)
+        await self.listen_events()
+        try:
+            await self.build()
+            self.ready.set()
+        except Exception as e:  # noqa: BLE001 - any failure: report it and leave nothing behind
+            self.failed = str(e) if isinstance(e, LabError) else f"{type(e).__name__}: {e}"
+            self.fix = getattr(e, "fix", "")
+            traceback.print_exc()
+            self.emit("lab.failed", self.failed)
+            self.ready.set()
+            await self.shutdown()
+            await asyncio.sleep(0.2)  # let the waiting client read the error
+            server.close()
+            return
+        await self.stopping.wait()
+        server.close()
+        await self.shutdown()
+
+    async def listen_events(self) -> None:
+        """Datagrams from the lab's other processes (see lab/events.py) join the stream."""
+        path = events_socket(self.lab)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.bind(path)
+        sock.setblocking(False)
+
+        def readable() -> None:
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    return
+                try:
+                    self.publish(Event.from_dict(json.loads(data)))
+                except (ValueError, TypeError):
+                    pass
+
+        asyncio.get_running_loop().add_reader(sock.fileno(), readable)
+        self._event_sock = sock
+
+    async def handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def reply(msg: dict) -> None:
+            writer.write((json.dumps(msg, default=str) + "\n").encode())
+            await writer.drain()
+
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            req = json.loads(line)
+            op = req.get("op", "")
+            handler = getattr(self, "op_" + op.replace("-", "_"), None)
+            if handler is None:
+                await reply({"done": True, "error": f"unknown operation {op!r}"})
+                return
+            try:
+                await handler(req, reply)
+            except LabError as e:
+                await reply({"done": True, "error": e.message, "fix": e.fix})
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                await reply({"done": True, "error": f"{type(e).__name__}: {e}"})
+        except (ConnectionError, json.JSONDecodeError):
+            pass
+        finally:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def op_ping(self, req: dict, reply: Reply) -> None:
+        await reply({"done": True, "lab": self.lab, "ready": self.ready.is_set() and not self.failed,
+                     "pid": os.getpid()})
+
+    async def op_wait_ready(self, req: dict, reply: Reply) -> None:
+        sent = 0
+        while True:
+            while sent < len(self.progress):
+                await reply({"progress": self.progress[sent]})
+                sent += 1
+            if self.ready.is_set():
+                break
+            await asyncio.sleep(0.05)
+        while sent < len(self.progress):
+            await reply({"progress": self.progress[sent]})
+            sent += 1
+        await reply({"done": True, "ok": not self.failed, "error": self.failed, "fix": self.fix})
+
+    async def op_status(self, req: dict, reply: Reply) -> None:
+        pods = self.api.pods()
+        await reply({"done": True, "lab": self.lab, "uptime": time.time() - self.started,
+                     "nodes": [{"name": n.name, "ip": n.ip, "pod_cidr": n.pod_cidr, "netns": n.netns}
+                               for n in self.nodes],
+                     "pods": {"total": len(pods), "running": sum(p.phase == "Running" for p in pods)},
+                     "services": len(self.api.services()), "processes": len(self.record.processes),
+                     "netns": len(self.record.netns)})
+
+    async def op_get(self, req: dict, reply: Reply) -> None:
+        kind = resolve_kind(req["kind"])
+        ns = None if req.get("all_namespaces") else (req.get("namespace") or "default")
+        if kind == "Node":
+            objects: list = list(self.nodes)
+        else:
+            objects = self.api.list(kind, None if kind == "Namespace" else ns)
+        if req.get("name"):
+            objects = [o for o in objects if o.name == req["name"]]
+            if not objects:
+                raise LabError(f'{kind.lower()}s "{req["name"]}" not found'
+                               + (f" in namespace {ns!r}" if kind not in ("Node", "Namespace") else ""))
+        printed = printers.render(kind, objects, output=req.get("output", ""),
+                                  all_namespaces=bool(req.get("all_namespaces")), by_name=bool(req.get("name")),
+                                  show_labels=bool(req.get("show_labels")), now=time.time(),
+                                  created=self.created_times(), extra=self.printer_extra(), namespace=ns or "default")
+        await reply({"done": True, "stdout": printed.stdout.rstrip("\n"), "stderr": printed.stderr.rstrip("\n")})
+
+    def created_times(self) -> dict:
+        times = dict(self.api.created)
+        for n in self.nodes:
+            times[("Node", "", n.name)] = self.started
+        return times
+
+    def printer_extra(self) -> dict:
+        return printers.derive_extra(self.api, os_image=_os_image(), kernel_version=os.uname().release)
+
+    async def op_apply(self, req: dict, reply: Reply) -> None:
+        loaded = self.load_request(req)
+        async with self.lock:
+            results = self.api.apply(loaded.resources)
+            await self.sync()
+        lines = [f"{printers.resource_name(r.resource)} {r.action}" for r in results]
+        await reply({"done": True, "stdout": "\n".join(lines),
+                     "stderr": "\n".join("Warning: " + w for w in self.api.selector_warnings())})
+
+    async def op_delete(self, req: dict, reply: Reply) -> None:
+        loaded = self.load_request(req)
+        async with self.lock:
+            gone = self.api.delete(loaded.resources)
+            await self.sync()
+        missing = [r for r in loaded.resources if r.key not in {g.key for g in gone}]
+        await reply({"done": True, "stdout": "\n".join(f"{printers.resource_name(g)} deleted" for g in gone),
+                     "stderr": "\n".join(f'Error from server (NotFound): {r.kind.lower()}s "{r.name}" not found'
+                                         for r in missing), "exit": 1 if missing else 0})
+
+    def load_request(self, req: dict) -> manifests.Manifests:
+        out = manifests.Manifests()
+        for doc in req.get("docs", []):
+            part = manifests.load_text(doc["text"], doc.get("file", "<stdin>"), req.get("namespace") or "")
+            out.resources += part.resources
+        manifests.check_duplicates(out.resources)
+        return out
+
+    async def op_label(self, req: dict, reply: Reply) -> None:
+        kind = resolve_kind(req["kind"])
+        ns = req.get("namespace") or "default"
+        changes: dict[str, str | None] = req["changes"]
+        obj = self.api.get(kind, ns, req["name"])
+        for k, v in changes.items():
+            cur = obj.meta.labels.get(k)
+            if v is not None and cur is not None and cur != v and not req.get("overwrite"):
+                raise LabError(f"'{k}' already has a value ({cur}), and --overwrite is false",
+                               "add --overwrite to replace it")
+        async with self.lock:
+            self.api.set_labels(kind, ns, req["name"], changes)
+            self.emit("object.labeled", f"{printers.resource_name(obj)} labels are now "
+                      + ",".join(f"{k}={v}" for k, v in sorted(obj.meta.labels.items())), labels=obj.meta.labels)
+            await self.sync()
+        verb = "unlabeled" if all(v is None for v in changes.values()) else "labeled"
+        await reply({"done": True, "stdout": f"{printers.resource_name(obj)} {verb}"})
+
+    async def op_resolve_pod(self, req: dict, reply: Reply) -> None:
+        """`POD` or `deploy/NAME` -> the pod, its netns and its log file (for exec and logs)."""
+        ns = req.get("namespace") or "default"
+        ref: str = req["ref"]
+        if "/" in ref:
+            word, name = ref.split("/", 1)
+            kind = resolve_kind(word)
+            if kind == "Pod":
+                pods = [self.api.get("Pod", ns, name)]
+            elif kind == "Deployment":
+                self.api.get("Deployment", ns, name)
+                pods = [p for p in self.api.pods(ns) if p.owner == f"Deployment/{name}"]
+            else:
+                raise LabError(f"cannot exec into a {kind}", "name a pod or deploy/NAME")
+        else:
+            pods = [self.api.get("Pod", ns, ref)]
+        pods = [p for p in pods if isinstance(p, Pod)]
+        running = [p for p in pods if p.phase == "Running"] or pods
+        if not running:
+            raise LabError(f'no pods found for "{ref}" in namespace {ns!r}')
+        p = running[0]
+        await reply({"done": True, "pod": p.name, "namespace": p.namespace, "netns": p.netns, "node": p.node,
+                     "phase": p.phase, "ip": p.ip,
+                     "log": os.path.join(self.logs_dir, f"{p.namespace}_{p.name}.log")})
+
+    async def op_trace(self, req: dict, reply: Reply) -> None:
+        pod = req.get("pod") or ""
+        for ev in list(self.events):
+            if not pod or ev.pod.startswith(pod):
+                await reply({"event": ev.__dict__})
+        if not req.get("follow"):
+            await reply({"done": True})
+            return
+        q: asyncio.Queue = asyncio.Queue()
+        self.subscribers.add(q)
+        try:
+            while True:
+                ev = await q.get()
+                if not pod or ev.pod.startswith(pod):
+                    await reply({"event": ev.__dict__})
+        finally:
+            self.subscribers.discard(q)
+
+    async def op_down(self, req: dict, reply: Reply) -> None:
+        await reply({"progress": f"removing lab {self.lab}"})
+        self.stopping.set()
+        await reply({"done": True})
+
+
+def _os_image() -> str:
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return "Linux"
+
+
+def _socket_in(netns_name: str) -> socket.socket:
+    """A TCP socket that belongs to a pod's namespace (created there, usable from anywhere)."""
+    from .. import netns
+
+    with netns.entered(netns_name):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.setblocking(False)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lab.supervisor")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("-f", "--filename", action="append", default=[])
+    args = ap.parse_args(argv)
+    sup = Supervisor(args.name, args.nodes, args.filename)
+    sup.record.supervisor = None
+    me = os.getpid()
+    from ..state import ProcessEntry
+
+    sup.record.supervisor = ProcessEntry(me, process_start_time(me) or 0, "supervisor")
+    sup.record.save()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, sup.stopping.set)
+        await sup.serve()
+
+    asyncio.run(run())
+    return 0
