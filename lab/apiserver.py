@@ -202,7 +202,8 @@ class ApiServer:
             if p.node:
                 load[p.node] = load.get(p.node, 0) + 1
                 used.add(p.ip)
-        for p in sorted(self.pods(), key=lambda p: self.created.get(p.key, 0)):
+        order = {key: i for i, key in enumerate(self.created)}  # creation order, never a clock tie
+        for p in sorted(self.pods(), key=lambda p: order.get(p.key, 0)):
             if p.node or p.template is None:
                 continue
             node_name = scheduler.schedule(p.template.node_name, p.template.node_selector, self.nodes, load)

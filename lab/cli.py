@@ -88,6 +88,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.makedirs(state.run_dir(lab), exist_ok=True)
     log = open(os.path.join(state.run_dir(lab), "supervisor.log"), "ab")
     cmd = [sys.executable, "-m", "lab.supervisor", "--name", lab, "--nodes", str(workers)]
+    if getattr(args, "no_cni_taint", False):
+        cmd.append("--no-cni-taint")
     for f in files:
         cmd += ["-f", f]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -290,10 +292,59 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_iptables(args: argparse.Namespace) -> int:
+    """A pod's iptables rules, read from the kernel inside its namespace, with packet counters."""
+    need_root()
+    pod = request(args, "resolve_pod", ref=args.pod, namespace=args.namespace)
+    cmd = ["ip", "netns", "exec", pod["netns"], "iptables-legacy-save", "-c"]
+    if args.table:
+        cmd += ["-t", args.table]
+    print(f"# sudo {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    return emit(request(args, "kill", component=args.component, node=args.node))
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    return emit(request(args, "restart", component=args.component, node=args.node))
+
+
+def lab_checks(lab: str) -> list:
+    """doctor's checks of a running lab: its per-node components, and ambient pods that escaped capture."""
+    from .doctor import Check
+    from .supervisor.client import call
+
+    r = call(lab, "components")
+    checks = []
+    for c in r["components"]:
+        checks.append(Check(f"lab {lab}: {c['component']} on {c['node']}", c["running"],
+                            f"pid {c['pid']}" if c["running"] else "not running",
+                            f"ambient-lab restart {c['component']} {c['node']} --name {lab}"))
+    for pod in r["uncaptured"]:
+        ns, name = pod.split("/", 1)
+        checks.append(Check(f"lab {lab}: pod {pod} is captured", False,
+                            "its namespace is ambient but the pod has no ambient.istio.io/redirection: it started "
+                            "before istio-cni was ready and its traffic bypasses ztunnel",
+                            f"re-enrol it: ambient-lab label pod {name} -n {ns} --name {lab} "
+                            "istio.io/dataplane-mode=none, then the same with istio.io/dataplane-mode-"))
+    return checks
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
-    return doctor.main()
+    labs = [lab_name(args)] if args.name else [lab for lab in state.running_labs() if supervisor_alive(lab)]
+    extra = [lambda lab=lab: lab_checks(lab) for lab in labs]
+    checks = doctor.run_checks()
+    for fn in extra:
+        try:
+            checks += fn()
+        except LabError as e:
+            checks.append(doctor.Check(f"lab {lab_name(args)}", False, e.message, e.fix))
+    print(doctor.format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
 
 
 def cmd_default(args: argparse.Namespace) -> int:
@@ -326,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the bookinfo + curl + sleep scenario")
     p.add_argument("--nodes", type=int, default=0, help="worker nodes (default 2, or a kind cluster file's count)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-cni-taint", action="store_true",
+                   help="reproduce Istio's start-up race: no cni.istio.io/not-ready taint, pods start before istio-cni")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", parents=[common], help="remove a lab: every namespace, process and file it made")
@@ -377,13 +430,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["json"], help="one JSON object per line")
     p.set_defaults(func=cmd_trace)
 
+    p = sub.add_parser("iptables", parents=[common, ns], help="a pod's iptables rules from the kernel, with counters")
+    p.add_argument("pod", metavar="POD|deploy/NAME")
+    p.add_argument("-t", "--table", choices=["nat", "mangle", "raw", "filter"])
+    p.set_defaults(func=cmd_iptables)
+
+    for verb, fn, text in (("kill", cmd_kill, "kill a node's component (SIGKILL), to see what fails"),
+                           ("restart", cmd_restart, "start a node's component again")):
+        p = sub.add_parser(verb, parents=[common], help=text, description="components: kube-dns, istio-cni, ztunnel")
+        p.add_argument("component", choices=["ztunnel", "istio-cni", "kube-dns"])
+        p.add_argument("node", help="node name, e.g. ambient-worker2 or worker2")
+        p.set_defaults(func=fn)
+
     p = sub.add_parser("doctor", parents=[common], help="check this machine can run the lab, with the fix for each problem")
     p.set_defaults(func=cmd_doctor)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # kubectl takes flags between positionals (`label pod X -n ns key=value`): so does `label`.
+    if unknown and getattr(args, "command", None) == "label" and not any(u.startswith("-") for u in unknown):
+        args.words += unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     func = getattr(args, "func", cmd_default)
     try:
         return func(args)

@@ -528,14 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=53)
     args = parser.parse_args(argv)
 
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line: stop cleanly from then on
+        signal.signal(sig, lambda *_: done.set())
     store = RecordStore(args.records, log=_print_line)
     server = DNSServer(store, args.listen, args.port).start()
     store.get()
     _print_line(f"[INFO] lab.dns serving {CLUSTER_DOMAIN} on {args.listen}:{server.address[1]} "
                 f"(udp, tcp), records from {args.records}")
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     while not done.wait(0.5):
         pass
     server.stop()

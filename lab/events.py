@@ -17,7 +17,7 @@ from typing import Any
 
 from .state import run_dir
 
-MAX_DATAGRAM = 60_000
+MAX_EVENT = 1 << 20
 
 
 @dataclass
@@ -54,24 +54,69 @@ def events_socket(lab: str) -> str:
 
 
 class EventEmitter:
-    """Sends events from any process of the lab to its supervisor (fire and forget)."""
+    """Sends events from any process of the lab to its supervisor, never blocking the caller.
 
-    def __init__(self, lab: str, component: str, node: str = "") -> None:
-        self.path = events_socket(lab)
+    A stream connection (not datagrams: a unix datagram queue holds only a handful of messages)
+    with a bounded buffer of its own: if the supervisor falls behind by more than MAX_BUFFER
+    bytes, events are dropped rather than slowing the data path down.
+    """
+
+    MAX_BUFFER = 4 << 20
+
+    def __init__(self, lab: str, component: str, node: str = "", path: str | None = None) -> None:
+        self.path = path or events_socket(lab)
         self.component = component
         self.node = node
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setblocking(False)
+        self.sock: socket.socket | None = None
+        self.pending = b""
+        self.dropped = 0
+        self.next_try = 0.0
+
+    def _connect(self) -> None:
+        if time.monotonic() < self.next_try:
+            return
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(self.path)
+            s.setblocking(False)
+            self.sock = s
+        except OSError:
+            s.close()
+            self.next_try = time.monotonic() + 0.5
 
     def emit(self, kind: str, msg: str, *, pod: str = "", flow: str = "", **fields: Any) -> Event:
         ev = Event(kind=kind, msg=msg, component=self.component, node=self.node, pod=pod, flow=flow, fields=fields)
-        data = ev.to_json().encode()
-        if len(data) <= MAX_DATAGRAM:
-            try:
-                self.sock.sendto(data, self.path)
-            except OSError:
-                pass  # supervisor busy or gone: never block the data path
+        data = (ev.to_json() + "\n").encode()
+        if len(data) > MAX_EVENT or len(self.pending) + len(data) > self.MAX_BUFFER:
+            self.dropped += 1
+            return ev
+        self.pending += data
+        self.flush()
         return ev
 
+    def flush(self) -> None:
+        if self.sock is None:
+            self._connect()
+            if self.sock is None:
+                self.pending = b""  # no supervisor: nobody to tell
+                return
+        try:
+            sent = self.sock.send(self.pending)
+            self.pending = self.pending[sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.sock.close()
+            self.sock = None
+
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            try:
+                self.sock.setblocking(True)
+                self.sock.settimeout(1)
+                if self.pending:
+                    self.sock.sendall(self.pending)
+            except OSError:
+                pass
+            self.sock.close()
+            self.sock = None

@@ -24,6 +24,7 @@ from .model import Node, Pod
 from .state import LabRecord
 
 ETC_NETNS = "/etc/netns"
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pod_etc_dir(pod: Pod) -> str:
@@ -81,7 +82,8 @@ def app_command(pod: Pod) -> list[str]:
     container = pod.template.containers[0]
     app, opts = app_for_image(container.image)
     ports = sorted({p.container_port for c in pod.template.containers for p in c.ports})
-    cmd = [sys.executable, "-m", "lab.apps", app, "--pod", pod.name, "--namespace", pod.namespace]
+    # -S: the apps use the standard library only, so skipping site-packages halves their start-up.
+    cmd = [sys.executable, "-S", "-m", "lab.apps", app, "--pod", pod.name, "--namespace", pod.namespace]
     if ports:
         cmd += ["--ports", ",".join(map(str, ports))]
     if opts.get("version"):
@@ -94,7 +96,9 @@ def app_command(pod: Pod) -> list[str]:
 def start_app(pod: Pod, log_path: str, record: LabRecord) -> subprocess.Popen:
     """Start the pod's app inside its namespace (`ip netns exec` execs it: same pid), and record it."""
     env = {
+        **(pod.template.containers[0].env if pod.template else {}),
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "PYTHONPATH": PACKAGE_PARENT,
         "HOSTNAME": pod.name,
         "POD_NAME": pod.name,
         "POD_NAMESPACE": pod.namespace,

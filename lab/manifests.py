@@ -202,8 +202,11 @@ def _pod_template(tpl: dict, where: Source, what: str) -> PodTemplate:
     for c in spec.get("containers") or []:
         ports = [ContainerPort(_port(p.get("containerPort"), where, f"{what} containerPort"),
                                str(p.get("name", "")), p.get("protocol", "TCP")) for p in c.get("ports") or []]
+        env = {str(e["name"]): str(e["value"]) for e in c.get("env") or []
+               if isinstance(e, dict) and "name" in e and "value" in e}
         containers.append(Container(name=c.get("name", ""), image=c.get("image", ""), ports=ports,
-                                    command=list(c.get("command") or []), args=[str(a) for a in c.get("args") or []]))
+                                    command=list(c.get("command") or []), args=[str(a) for a in c.get("args") or []],
+                                    env=env))
     if not containers:
         raise ManifestError(where, f"{what} has no containers", "add spec.containers with at least one image")
     return PodTemplate(labels=_strmap(md.get("labels"), where, "labels"),

@@ -80,6 +80,7 @@ class Container:
     ports: list[ContainerPort] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # literal values only; valueFrom is not modelled
 
 
 @dataclass

@@ -115,7 +115,11 @@ class Request:
 
     @property
     def path(self) -> str:
-        return self.target.split("?", 1)[0]
+        """The target's path; an absolute-form target (``http://host/p``, sent to proxies) too."""
+        target = self.target.split("?", 1)[0]
+        if target.startswith(("http://", "https://")):
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        return target
 
     @property
     def query(self) -> str:

@@ -8,7 +8,10 @@ connections are dropped, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 
 from lab.apps.http import log_line
@@ -47,5 +50,22 @@ async def serve_until_terminated(start: Starter, log: Callable[[str], None] = lo
 
 
 def run(start: Starter) -> int:
-    """The process entry of a server app: an event loop until terminated; the exit status."""
-    return asyncio.run(serve_until_terminated(start))
+    """The process entry of a server app: an event loop until terminated; the exit status.
+
+    Not ``asyncio.run``: that would wait (up to 300 s) for the resolver threads, and a DNS
+    query stuck on an unreachable cluster DNS must not keep a terminated pod alive. A process
+    left with such a thread exits at once with ``os._exit``, as a container's main process
+    takes its other threads down with it.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        code = loop.run_until_complete(serve_until_terminated(start))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()  # shuts the resolver thread pool down without waiting for it
+    if any(thread.is_alive() for thread in threading.enumerate()
+           if thread is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -633,26 +633,35 @@ def _reconcile_table(name: str, wanted: list[Rule]) -> bool:
     DNS capture was turned off) are unhooked and deleted. Rules of others are left alone.
     All edits go into one libiptc handle and reach the kernel in a single atomic commit.
     """
-    iptc, PodTable, _ = _iptc_classes()
-    table = PodTable(name)
+    table = _iptc_classes()[1](name)
+    try:
+        return _reconcile_open_table(table, name, wanted)
+    finally:
+        table.close()  # free the handle now; it holds a socket in the pod's netns
+
+
+def _reconcile_open_table(table, name: str, wanted: list[Rule]) -> bool:
+    """Body of :func:`_reconcile_table`, on a freshly opened table handle."""
+    iptc = _iptc_classes()[0]
     changed = False
     wanted_chains = custom_chains(wanted)
+    # 1. Istio's chains exist (before any jump to them can be built).
     for chain in wanted_chains:
         if not table.is_chain(chain):
             table.create_chain(chain)
             changed = True
 
-    def want(chain: str) -> list:
-        return [_to_iptc(r, table) for r in wanted if r.chain == chain]
-
+    # 2. Each Istio chain holds exactly its rules, in order; otherwise refill it.
     for chain in wanted_chains:
-        desired = want(chain)
+        desired = [_to_iptc(r, table) for r in wanted if r.chain == chain]
         if _chain_fingerprints(table, chain) != [_fingerprint(r) for r in desired]:
             table.flush_entries(chain)
             for entry in desired:
                 iptc.Chain(table, chain).append_rule(entry)
             changed = True
 
+    # 3. Exactly one jump from a built-in chain to each wanted Istio chain (like `-A OUTPUT -j
+    #    ISTIO_OUTPUT`), none to the others; other software's rules stay where they are.
     for builtin in BUILTIN_CHAINS[name]:
         present = _chain_fingerprints(table, builtin)
         for istio_chain in INPOD_CHAINS:
@@ -669,6 +678,7 @@ def _reconcile_table(name: str, wanted: list[Rule]) -> bool:
                 iptc.Chain(table, builtin).append_rule(jump)
                 changed = True
 
+    # 4. Istio chains this table should not have (now unreferenced): flush and delete them.
     for chain in INPOD_CHAINS:
         if chain not in wanted_chains and table.is_chain(chain):
             table.flush_entries(chain)

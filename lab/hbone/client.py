@@ -23,8 +23,8 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from lab.hbone.headers import Header, connect_header_list
-from lab.hbone.stream import (MAX_CONCURRENT_STREAMS, H2Session, HboneConnectionLost, HboneH2Connection, HboneError,
-                              HboneStream, HboneStreamReset, decode_headers, log)
+from lab.hbone.stream import (MAX_CONCURRENT_STREAMS, H2Session, HboneConnectionLost, HboneError,
+                              HboneH2Connection, HboneStream, HboneStreamReset, decode_headers, log)
 
 #: zt:src/config.rs POOL_UNUSED_RELEASE_TIMEOUT
 POOL_UNUSED_RELEASE_TIMEOUT = 300.0
@@ -181,7 +181,8 @@ async def open_hbone_connection(host: str, port: int, ssl_context: ssl.SSLContex
                 asyncio.open_connection(sock=sock, **kwargs), timeout)  # type: ignore[arg-type]
         else:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, local_addr=local_addr, **kwargs), timeout)  # type: ignore[arg-type]
+                asyncio.open_connection(host, port, local_addr=local_addr, **kwargs),  # type: ignore[arg-type]
+                timeout)
     except asyncio.TimeoutError as e:
         raise HboneError(f"connection timed out, maybe a NetworkPolicy is blocking HBONE port {port}") from e
     ssl_object = writer.get_extra_info("ssl_object")

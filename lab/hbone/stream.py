@@ -376,7 +376,10 @@ class H2Session:
                     events = self.conn.receive_data(data)
                 except h2.exceptions.ProtocolError as e:
                     reason = f"HTTP/2 protocol error: {e}"
-                    self._flush()  # h2 queued a GOAWAY
+                    # h2 queues a GOAWAY for most errors, but not for a bad preface
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
+                    self._flush()
                     break
                 for event in events:
                     self._dispatch(event)
@@ -421,7 +424,8 @@ class H2Session:
                         len(stream._wbuf), budget)
                 if n <= 0:
                     break
-                data = bytes(stream._wbuf[:n])
+                with memoryview(stream._wbuf) as view:
+                    data = view[:n].tobytes()
                 del stream._wbuf[:n]
                 end = stream._eof_requested and not stream._wbuf
                 self.conn.send_data(sid, data, end_stream=end)

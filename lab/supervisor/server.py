@@ -23,8 +23,11 @@ import time
 import traceback
 from typing import Any, Awaitable, Callable
 
-from .. import addressing, cluster, dns, kubelet, kubeproxy, manifests, printers
+from .. import addressing, cluster, kubelet, kubeproxy, manifests, printers
 from ..apiserver import ApiServer, resolve_kind
+from ..cni import enrolment, plugin_events
+from ..model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION
+from .components import COMPONENTS, Components, NodeSockets
 from ..cleanup import stop_processes, teardown
 from ..errors import LabError
 from ..events import Event, events_socket
@@ -43,9 +46,12 @@ def supervisor_socket(lab: str) -> str:
 
 
 class Supervisor:
-    def __init__(self, lab: str, workers: int, files: list[str]) -> None:
+    def __init__(self, lab: str, workers: int, files: list[str], cni_taint: bool = True) -> None:
         self.lab = lab
         self.files = files
+        # Istio's fix for the start-up race (reference §7.1): nodes carry a taint until istio-cni is
+        # ready. Without it, pods start before the agent and run un-captured.
+        self.cni_taint = cni_taint
         self.nodes: list[Node] = addressing.plan_nodes(lab, workers)
         self.api = ApiServer(lab=lab, nodes=self.nodes)
         self.record = LabRecord(lab=lab)
@@ -62,6 +68,12 @@ class Supervisor:
         self.started = time.time()
         self.lock = asyncio.Lock()  # one change to the cluster at a time
         self._children: dict[int, Any] = {}  # Popen objects, so exits are reaped and seen
+        self.components = Components(lab, self.record, self.logs_dir, self.dns_records_path)
+        self.agent_ready: set[str] = set()  # nodes whose istio-cni agent answers
+        self.enrolled: dict[tuple, str] = {}  # pod key -> the agent's last answer (enabled|pending)
+        self.seen_ambient: dict[tuple, bool] = {}  # pod key -> ambient per labels, at the last look
+        self.generation = 0  # bumped on every change watchers (istiod) must see
+        self.changed_cond = asyncio.Condition()
 
     # -- events -------------------------------------------------------------------------------
     def publish(self, ev: Event) -> None:
@@ -89,21 +101,75 @@ class Supervisor:
         self.say(f"creating {len(self.nodes)} nodes ({', '.join(n.name for n in self.nodes)}) and the fabric network")
         await self.on_kernel(cluster.build_fabric, self.lab, self.record)
         for node in self.nodes:
+            if self.cni_taint:
+                node.taints.append(f"{CNI_NOT_READY_TAINT}:NoSchedule")
             await self.on_kernel(cluster.build_node, self.lab, node, self.nodes, self.record)
             self.emit("node.created", f"node {node.name} is up at {node.ip} with pod CIDR {node.pod_cidr}",
                       node=node.name)
         self.write_dns_records()
         for node in self.nodes:
-            self.start_process(["ip", "netns", "exec", node.netns, sys.executable, "-m", "lab.dns",
-                                "--records", self.dns_records_path, "--listen", addressing.CLUSTER_DNS_IP],
-                               f"kube-dns {node.name}", os.path.join(self.logs_dir, f"kube-dns_{node.name}.log"))
-        if loaded.resources:
-            async with self.lock:
+            self.components.start("kube-dns", node)
+        async with self.lock:
+            if loaded.resources:
                 self.api.apply(loaded.resources)
                 for w in self.api.selector_warnings():
                     self.say("warning: " + w)
+            if self.cni_taint:
+                await self.start_mesh_agents()
                 await self.sync(progress=True)
+            else:
+                # The race of reference §7.1: no taint, so pods start before istio-cni is there.
+                await self.sync(progress=True)
+                self.say("starting istio-cni and ztunnel AFTER the pods (no readiness taint): "
+                         "ambient pods started so far are not captured")
+                await self.start_mesh_agents()
+            await self.wait_enrolment_settled()
+        asyncio.get_running_loop().create_task(self.watch_components())
         self.say(f"lab {self.lab} ready in {time.monotonic() - t0:.2f}s")
+
+    async def start_mesh_agents(self) -> None:
+        """istio-cni and ztunnel on every node; the untaint controller lifts the taint once the agent is ready."""
+        self.say("starting istio-cni and ztunnel on every node")
+        for node in self.nodes:
+            self.components.start("istio-cni", node)
+            self.components.start("ztunnel", node)
+        await asyncio.gather(*(self.wait_agent_ready(n) for n in self.nodes))
+        self.api.reconcile()  # the scheduler places the pods that waited for the taint to go
+    async def wait_agent_ready(self, node: Node, timeout: float = 15.0) -> None:
+        sock = NodeSockets.of(self.lab, node).plugin
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await asyncio.to_thread(plugin_events.get, sock, "/healthz")
+                break
+            except (OSError, plugin_events.PluginError):
+                if not self.components.running("istio-cni", node):
+                    raise LabError(f"istio-cni on {node.name} exited at start",
+                                   f"see {self.components.log_path('istio-cni', node)}")
+                if time.monotonic() > deadline:
+                    raise LabError(f"istio-cni on {node.name} did not become ready in {timeout:.0f}s",
+                                   f"see {self.components.log_path('istio-cni', node)}")
+                await asyncio.sleep(0.02)
+        self.agent_ready.add(node.name)
+        taint = f"{CNI_NOT_READY_TAINT}:NoSchedule"
+        if taint in node.taints:
+            node.taints.remove(taint)
+            self.emit("node.untainted", f"istio-cni is ready on {node.name}: the untaint controller removed "
+                      f"{CNI_NOT_READY_TAINT}, so pods may now be scheduled there", node=node.name)
+
+    async def wait_enrolment_settled(self, timeout: float = 5.0) -> None:
+        """Give pods handed over while ztunnel was still connecting time to turn `enabled`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+                p.meta.annotations.get(REDIRECTION_ANNOTATION) == "pending" for p in self.running.values()):
+            await asyncio.sleep(0.05)
+
+    async def watch_components(self) -> None:
+        """Notice per-node processes that died on their own (crash), and say so in the stream."""
+        while True:
+            await asyncio.sleep(0.5)
+            for what, node, code in self.components.reap():
+                self.emit("component.exited", f"{what} on {node} exited with code {code}", component=what, node=node)
 
     @property
     def logs_dir(self) -> str:
@@ -113,26 +179,23 @@ class Supervisor:
     def dns_records_path(self) -> str:
         return os.path.join(run_dir(self.lab), "dns.json")
 
-    def start_process(self, cmd: list[str], what: str, log: str) -> int:
-        import subprocess
-
-        with open(log, "ab") as f:
-            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.record.add_process(p.pid, what)
-        self._children[p.pid] = p
-        return p.pid
-
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
 
     async def sync(self, progress: bool = False) -> None:
-        """Make pods, DNS and kube-proxy rules match the API server (the kubelets' and kube-proxy's loop)."""
+        """Make pods, enrolment, DNS and kube-proxy rules match the API server.
+
+        This is the kubelets' loop (sandboxes and apps), the chained istio-cni plugin (CmdAdd as a
+        pod starts), the node agent's informer (enrolment when labels change) and kube-proxy's.
+        """
         wanted = {p.key: p for p in self.api.pods() if p.node}
         gone = [k for k in self.running if k not in wanted]
         new = [p for k, p in wanted.items() if k not in self.running]
         for key in gone:
             pod = self.running.pop(key)
+            self.seen_ambient.pop(key, None)
+            if key in self.enrolled:
+                await self.remove_from_mesh(pod)
             stop_processes([e for e in self.record.processes if e.pid == pod.pid], grace=0.3)
             self.record.drop_process(pod.pid)
             if (child := self._children.pop(pod.pid, None)) is not None:
@@ -144,6 +207,8 @@ class Supervisor:
             self.say(f"starting {len(new)} pods")
         for pod in new:
             await self.on_kernel(kubelet.create_sandbox, pod, self.node(pod.node), self.record)
+            if self.is_ambient(pod) and pod.node in self.agent_ready:
+                await self.add_to_mesh(pod, "cni-plugin")  # the chained plugin runs before the app starts
             proc = kubelet.start_app(pod, os.path.join(self.logs_dir, f"{pod.namespace}_{pod.name}.log"), self.record)
             self._children[proc.pid] = proc
             pod.phase = "ContainerCreating"
@@ -152,8 +217,102 @@ class Supervisor:
                       f"running the {pod.app} app", node=pod.node, pod=pod.name, ip=pod.ip, netns=pod.netns)
         if new:
             await asyncio.gather(*(self.wait_pod_ready(p) for p in new))
+        await self.sync_enrolment(skip={p.key for p in new})
         self.write_dns_records()
         await self.sync_kube_proxy()
+        self.changed()
+
+    def is_ambient(self, pod: Pod) -> bool:
+        ns = self.api.objects.get(("Namespace", "", pod.namespace))
+        return enrolment.pod_is_ambient(pod.meta.labels, ns.meta.labels if ns else {})
+
+    async def sync_enrolment(self, skip: set = frozenset()) -> None:
+        """The node agent's informer: running pods whose labels (or namespace's) CHANGED join or leave.
+
+        Edge-triggered, like an informer's update events: a pod that started before istio-cni was
+        ready (no CmdAdd) stays un-captured until its labels change again (reference §7.1).
+        """
+        for key, pod in list(self.running.items()):
+            want = self.is_ambient(pod)
+            was = self.seen_ambient.get(key)
+            self.seen_ambient[key] = want
+            if key in skip or pod.node not in self.agent_ready or was == want:
+                continue
+            if want and key not in self.enrolled:
+                await self.add_to_mesh(pod, "informer")
+            elif not want and key in self.enrolled:
+                await self.remove_from_mesh(pod)
+
+    async def add_to_mesh(self, pod: Pod, source: str) -> None:
+        sock = NodeSockets.of(self.lab, self.node(pod.node)).plugin
+        body = {"uid": pod_uid(pod), "name": pod.name, "namespace": pod.namespace, "ip": pod.ip,
+                "service_account": pod.template.service_account if pod.template else "default",
+                "netns": kubelet.netns.path(pod.netns), "source": source}
+        try:
+            reply = await asyncio.to_thread(plugin_events.post, sock, "/cmdadd", body)
+        except (OSError, plugin_events.PluginError) as e:
+            self.emit("pod.enrolment.failed", f"istio-cni on {pod.node} could not enrol {pod.namespace}/{pod.name}: {e}",
+                      node=pod.node, pod=pod.name)
+            return
+        if reply.get("error"):
+            self.emit("pod.enrolment.failed", f"istio-cni refused {pod.namespace}/{pod.name}: {reply['error']}",
+                      node=pod.node, pod=pod.name)
+            return
+        # The agent itself annotated the pod (enabled or pending) before it replied, as istio-cni does.
+        self.enrolled[pod.key] = reply.get("redirection", "")
+
+    async def remove_from_mesh(self, pod: Pod) -> None:
+        self.enrolled.pop(pod.key, None)
+        sock = NodeSockets.of(self.lab, self.node(pod.node)).plugin
+        try:
+            await asyncio.to_thread(plugin_events.post, sock, "/cmddel",
+                                    {"uid": pod_uid(pod), "name": pod.name, "namespace": pod.namespace,
+                                     "netns": kubelet.netns.path(pod.netns)})
+        except (OSError, plugin_events.PluginError) as e:
+            self.emit("pod.enrolment.failed", f"istio-cni on {pod.node} could not remove {pod.name}: {e}",
+                      node=pod.node, pod=pod.name)
+        self.set_annotation(pod, REDIRECTION_ANNOTATION, None)
+
+    def set_annotation(self, pod: Pod, key: str, value: str | None) -> None:
+        if value is None:
+            pod.meta.annotations.pop(key, None)
+        else:
+            pod.meta.annotations[key] = value
+        pod.raw.setdefault("metadata", {})["annotations"] = dict(pod.meta.annotations)
+        self.changed()
+
+    def changed(self) -> None:
+        """Wake watchers (istiod's informers) up: the cluster's objects changed."""
+        self.generation += 1
+
+        async def notify() -> None:
+            async with self.changed_cond:
+                self.changed_cond.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def cluster_snapshot(self) -> dict:
+        """Everything a control plane watches, as plain data (what istiod's informers would list)."""
+        pods = []
+        for p in self.api.pods():
+            pods.append({"name": p.name, "namespace": p.namespace, "uid": pod_uid(p) if p.ip else "",
+                         "ip": p.ip, "node": p.node, "phase": p.phase, "labels": p.meta.labels,
+                         "annotations": p.meta.annotations, "owner": p.owner,
+                         "service_account": p.template.service_account if p.template else "default",
+                         "ports": {cp.name: cp.container_port for c in (p.template.containers if p.template else [])
+                                   for cp in c.ports if cp.name}})
+        services = [{"name": s.name, "namespace": s.namespace, "cluster_ip": s.cluster_ip, "labels": s.meta.labels,
+                     "selector": s.selector, "ports": [{"name": sp.name, "port": sp.port, "target_port": sp.target_port,
+                                                        "protocol": sp.protocol} for sp in s.ports]}
+                    for s in self.api.services()]
+        others = [{"kind": o.kind, "api_version": o.api_version, "namespace": o.namespace, "name": o.name,
+                   "labels": o.meta.labels, "raw": o.raw}
+                  for key, o in sorted(self.api.objects.items())
+                  if key[0] not in ("Pod", "Service", "Deployment", "Namespace", "ServiceAccount")]
+        return {"generation": self.generation,
+                "nodes": [{"name": n.name, "ip": n.ip, "role": n.role} for n in self.nodes],
+                "namespaces": [{"name": n.name, "labels": n.meta.labels} for n in self.api.list("Namespace")],
+                "pods": pods, "services": services, "objects": others}
 
     async def wait_pod_ready(self, pod: Pod) -> None:
         """kubelet's readiness probe: a TCP connect to each declared port from inside the pod."""
@@ -250,25 +409,22 @@ class Supervisor:
         await self.shutdown()
 
     async def listen_events(self) -> None:
-        """Datagrams from the lab's other processes (see lab/events.py) join the stream."""
-        path = events_socket(self.lab)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.bind(path)
-        sock.setblocking(False)
+        """The lab's other processes stream their events here (see lab/events.py), one JSON line each."""
 
-        def readable() -> None:
-            while True:
-                try:
-                    data = sock.recv(65536)
-                except BlockingIOError:
-                    return
-                try:
-                    self.publish(Event.from_dict(json.loads(data)))
-                except (ValueError, TypeError):
-                    pass
+        async def reader_task(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while line := await reader.readline():
+                    try:
+                        self.publish(Event.from_dict(json.loads(line)))
+                    except (ValueError, TypeError):
+                        pass
+            except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+                pass
+            finally:
+                writer.close()
 
-        asyncio.get_running_loop().add_reader(sock.fileno(), readable)
-        self._event_sock = sock
+        self._event_server = await asyncio.start_unix_server(reader_task, path=events_socket(self.lab),
+                                                             limit=1 << 20)
 
     async def handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def reply(msg: dict) -> None:
@@ -287,6 +443,8 @@ class Supervisor:
                 return
             try:
                 await handler(req, reply)
+            except (ConnectionError, BrokenPipeError):
+                return  # the client went away (a watcher disconnecting, a CLI interrupted)
             except LabError as e:
                 await reply({"done": True, "error": e.message, "fix": e.fix})
             except Exception as e:  # noqa: BLE001
@@ -393,6 +551,7 @@ class Supervisor:
                                "add --overwrite to replace it")
         async with self.lock:
             self.api.set_labels(kind, ns, req["name"], changes)
+            self.changed()
             self.emit("object.labeled", f"{printers.resource_name(obj)} labels are now "
                       + ",".join(f"{k}={v}" for k, v in sorted(obj.meta.labels.items())), labels=obj.meta.labels)
             await self.sync()
@@ -442,10 +601,81 @@ class Supervisor:
         finally:
             self.subscribers.discard(q)
 
+    async def op_annotate(self, req: dict, reply: Reply) -> None:
+        """The istio-cni agent patches a pod's annotation (`ambient.istio.io/redirection`)."""
+        pod = self.api.get("Pod", req["namespace"], req["pod"])
+        assert isinstance(pod, Pod)
+        self.set_annotation(pod, req["key"], req.get("value"))
+        if req["key"] == REDIRECTION_ANNOTATION and pod.key in self.enrolled and req.get("value"):
+            self.enrolled[pod.key] = req["value"]
+        await reply({"done": True})
+
+    def component_node(self, req: dict) -> tuple[str, Node]:
+        what = req["component"]
+        if what not in COMPONENTS:
+            raise LabError(f"unknown component {what!r}", f"one of: {', '.join(COMPONENTS)}")
+        name = req["node"]
+        for n in self.nodes:
+            if name in (n.name, n.name.removeprefix(self.lab + "-")):
+                return what, n
+        raise LabError(f'nodes "{name}" not found', "see: ambient-lab get nodes")
+
+    async def op_kill(self, req: dict, reply: Reply) -> None:
+        what, node = self.component_node(req)
+        pid = self.components.kill(what, node)
+        if what == "istio-cni":
+            self.agent_ready.discard(node.name)
+        self.emit("component.killed", f"{what} on {node.name} (pid {pid}) was killed", component=what, node=node.name)
+        await reply({"done": True, "stdout": f"{what} on {node.name} killed (pid {pid})"})
+
+    async def op_restart(self, req: dict, reply: Reply) -> None:
+        what, node = self.component_node(req)
+        if self.components.running(what, node):
+            self.components.kill(what, node)
+        pid = self.components.start(what, node)
+        self.emit("component.started", f"{what} on {node.name} started again (pid {pid})", component=what,
+                  node=node.name)
+        if what == "istio-cni":
+            # A restarted agent learns the node's ambient pods again from its informer and reconciles.
+            self.agent_ready.discard(node.name)
+            await self.wait_agent_ready(node)
+            async with self.lock:
+                for key, pod in list(self.running.items()):
+                    if pod.node == node.name and key in self.enrolled:
+                        await self.add_to_mesh(pod, "informer")
+        await reply({"done": True, "stdout": f"{what} on {node.name} started (pid {pid})"})
+
+    async def op_components(self, req: dict, reply: Reply) -> None:
+        rows = [{"component": what, "node": n.name, "pid": self.components.pid(what, n),
+                 "running": self.components.running(what, n)} for n in self.nodes for what in COMPONENTS]
+        uncaptured = [f"{p.namespace}/{p.name}" for k, p in self.running.items()
+                      if self.is_ambient(p) and not p.meta.annotations.get(REDIRECTION_ANNOTATION)]
+        await reply({"done": True, "components": rows, "uncaptured": uncaptured})
+
+    async def op_watch_cluster(self, req: dict, reply: Reply) -> None:
+        """A list-then-watch stream: the whole cluster now, then again after every change."""
+        seen = -1
+        while True:
+            if self.generation != seen:
+                seen = self.generation
+                await reply({"snapshot": self.cluster_snapshot()})
+            async with self.changed_cond:
+                try:
+                    await asyncio.wait_for(self.changed_cond.wait(), 30)
+                except asyncio.TimeoutError:
+                    pass
+
     async def op_down(self, req: dict, reply: Reply) -> None:
         await reply({"progress": f"removing lab {self.lab}"})
         self.stopping.set()
         await reply({"done": True})
+
+
+def pod_uid(pod: Pod) -> str:
+    """A stable uid for a pod (Kubernetes' is a random UUID; ztunnel keys workloads by it)."""
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"ambient-lab/{pod.namespace}/{pod.name}/{pod.ip}"))
 
 
 def _os_image() -> str:
@@ -476,8 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("-f", "--filename", action="append", default=[])
+    ap.add_argument("--no-cni-taint", action="store_true")
     args = ap.parse_args(argv)
-    sup = Supervisor(args.name, args.nodes, args.filename)
+    sup = Supervisor(args.name, args.nodes, args.filename, cni_taint=not args.no_cni_taint)
     sup.record.supervisor = None
     me = os.getpid()
     from ..state import ProcessEntry

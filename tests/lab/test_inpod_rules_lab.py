@@ -142,16 +142,18 @@ def test_install_with_dns_capture_matches_the_full_golden_file(pods):
     assert kernel_rules(NS1) == normalise_save(GOLDEN.read_text())
 
 
-def test_install_twice_changes_nothing(pods, caplog):
-    install_inpod_rules(NS1)
+@pytest.mark.parametrize("dns_capture", [False, True])
+def test_install_twice_changes_nothing(pods, caplog, dns_capture):
+    install_inpod_rules(NS1, dns_capture)
     before = read_inpod_rules(NS1)
     with caplog.at_level(logging.DEBUG, logger="lab.cni.iptables"):
-        install_inpod_rules(NS1)
+        install_inpod_rules(NS1, dns_capture)
+    tables = ["mangle", "nat", "raw"] if dns_capture else ["mangle", "nat"]
     assert [r.getMessage() for r in caplog.records if r.name == "lab.cni.iptables"] == [
-        "in-pod mangle rules already in place", "in-pod nat rules already in place"]
+        f"in-pod {t} rules already in place" for t in tables]
     strip = lambda text: [l for l in text.splitlines() if not l.startswith("#")]  # noqa: E731
     assert strip(read_inpod_rules(NS1)) == strip(before)
-    assert_installed(NS1, dns_capture=False)
+    assert_installed(NS1, dns_capture)
 
 
 def test_install_reconciles_a_partial_rule_set_without_duplicates(pods):

@@ -198,6 +198,8 @@ def test_parse_request_head_and_framing():
             parse_request_head(bad)
     with pytest.raises(HttpError):
         body_framing(Headers([("Content-Length", "1"), ("Content-Length", "2")]))
+    absolute = Request("GET", "http://details:9080/details/0?x=1", "HTTP/1.1", Headers())
+    assert (absolute.path, absolute.query) == ("/details/0", "x=1")
 
 
 def test_keep_alive_rules():
@@ -364,7 +366,7 @@ def test_details_and_ratings_json(apps):
 
 
 async def test_productpage_propagates_trace_headers_and_resolves_names():
-    """In-process: productpage's calls carry the trace headers, to a name resolved by getaddrinfo."""
+    """In-process: the calls carry the trace headers, to a name resolved by getaddrinfo."""
     seen: list[Request] = []
 
     async def upstream_handler(request: Request) -> Response:
@@ -547,6 +549,32 @@ def test_sigterm_stops_a_server_promptly_even_mid_request(apps):
     conn.close()
     assert status == 0 and elapsed < 2.0
     assert "received SIGTERM, shutting down" in httpbin.lines
+
+
+def test_sigterm_is_not_held_up_by_a_stuck_dns_lookup():
+    """A lookup blocked in the resolver thread (cluster DNS unreachable) must not delay exit."""
+    code = ("import socket, sys, time\n"
+            "real = socket.getaddrinfo\n"
+            "def stuck(host, *a, **k):\n"
+            "    if host == 'details': time.sleep(60)\n"
+            "    return real(host, *a, **k)\n"
+            "socket.getaddrinfo = stuck\n"
+            "from lab.apps.__main__ import main\n"
+            "sys.exit(main(['productpage', '--listen', '127.0.0.1', '--ports', '0']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        port = int(re.search(r":(\d+)$", proc.stdout.readline().strip()).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /productpage HTTP/1.1\r\nHost: productpage\r\n\r\n")
+            time.sleep(0.3)  # productpage is now resolving "details"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and time.monotonic() - started < 2.0
 
 
 def test_idle_waits_for_sigterm_without_sockets_or_heavy_imports():
