@@ -27,7 +27,7 @@ def stop_processes(entries: list[ProcessEntry], grace: float = 0.5) -> None:
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.02)
-        alive = [p for p in alive if is_alive(p) and not _zombie(p.pid)]
+        alive = [p for p in alive if is_alive(p)]
     for p in alive:
         try:
             os.kill(p.pid, signal.SIGKILL)
@@ -35,16 +35,9 @@ def stop_processes(entries: list[ProcessEntry], grace: float = 0.5) -> None:
             pass
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def teardown(record: LabRecord, include_supervisor: bool = True) -> None:
     """Remove everything the record lists, then the lab's run directory."""
+    record.closed = True
     procs = list(record.processes)
     if include_supervisor and record.supervisor:
         procs.append(record.supervisor)

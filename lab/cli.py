@@ -90,6 +90,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "lab.supervisor", "--name", lab, "--nodes", str(workers)]
     if getattr(args, "no_cni_taint", False):
         cmd.append("--no-cni-taint")
+    if getattr(args, "cert_ttl", 0):
+        cmd += ["--cert-ttl", str(args.cert_ttl)]
     for f in files:
         cmd += ["-f", f]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -251,7 +253,37 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return rc
 
 
+COMPONENT_LOGS = {"ztunnel": "ztunnel", "istiod": "istiod", "cni": "istio-cni", "istio-cni": "istio-cni",
+                  "kube-dns": "kube-dns", "coredns": "kube-dns"}
+
+
+def component_log_files(args: argparse.Namespace, what: str) -> list[tuple[str, str]]:
+    """(node, log path) of a component on every node, or on --node."""
+    lab = lab_name(args)
+    nodes = [n["name"] for n in request(args, "status")["nodes"]]
+    if args.node:
+        nodes = [n for n in nodes if args.node in (n, n.removeprefix(lab + "-"))]
+        if not nodes:
+            raise LabError(f'nodes "{args.node}" not found', "see: ambient-lab get nodes")
+    files = [(n, os.path.join(state.run_dir(lab), "logs", f"{what}_{n}.log")) for n in nodes]
+    return [(n, f) for n, f in files if os.path.exists(f)]
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
+    if args.pod in COMPONENT_LOGS:
+        files = component_log_files(args, COMPONENT_LOGS[args.pod])
+        if not files:
+            raise LabError(f"no {args.pod} logs in lab {lab_name(args)!r}")
+        for node, path in files:
+            prefix = f"[{node}] " if len(files) > 1 else ""
+            lines = open(path, errors="replace").read().splitlines()
+            if args.tail is not None:
+                lines = lines[-args.tail:] if args.tail else []
+            for line in lines:
+                print(prefix + line)
+        if args.follow:
+            return follow_files(files)
+        return 0
     pod = request(args, "resolve_pod", ref=args.pod, namespace=args.namespace)
     path = pod["log"]
     with open(path, "rb") as f:
@@ -273,6 +305,121 @@ def cmd_logs(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 return 0
     return 0
+
+
+def follow_files(files: list[tuple[str, str]]) -> int:
+    handles = [(n, open(p, errors="replace")) for n, p in files]
+    for _, h in handles:
+        h.seek(0, os.SEEK_END)
+    try:
+        while True:
+            quiet = True
+            for n, h in handles:
+                for line in h.readlines():
+                    quiet = False
+                    print((f"[{n}] " if len(handles) > 1 else "") + line, end="", flush=True)
+            if quiet:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 0
+
+
+def ztunnel_admin(args: argparse.Namespace, op: str) -> list[tuple[str, object]]:
+    """Ask every node's ztunnel (or --node's) over its admin socket: [(node, reply)]."""
+    import json
+    import socket
+
+    from .supervisor.components import NodeSockets
+    from .model import Node
+
+    lab = lab_name(args)
+    out = []
+    for n in request(args, "status")["nodes"]:
+        if args.node and args.node not in (n["name"], n["name"].removeprefix(lab + "-")):
+            continue
+        node = Node(name=n["name"], index=0, role="", ip=n["ip"], pod_cidr=n["pod_cidr"], netns=n["netns"])
+        path = NodeSockets.of(lab, node).ztunnel_admin
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(path)
+                with s.makefile("rwb") as f:
+                    f.write((json.dumps({"op": op}) + "\n").encode())
+                    f.flush()
+                    out.append((n["name"], json.loads(f.readline())))
+        except OSError as e:
+            out.append((n["name"], {"error": f"ztunnel on {n['name']} does not answer ({e.strerror or e})"}))
+    return out
+
+
+def cmd_ztunnel_config(args: argparse.Namespace) -> int:
+    from . import ztunnel_config
+
+    which = ztunnel_config.section(args.section)
+    rc = 0
+    for node, dump in ztunnel_admin(args, "config_dump"):
+        if not isinstance(dump, dict) or dump.get("error"):
+            print(f"error: {dump.get('error') if isinstance(dump, dict) else dump}", file=sys.stderr)
+            rc = 1
+            continue
+        if args.output == "json":
+            print(ztunnel_config.render_json(which, dump))
+        else:
+            print(f"# ztunnel on {node}")
+            print(ztunnel_config.render(which, dump))
+            print()
+    return rc
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Every ztunnel's Prometheus text, each series labelled with the node that reported it."""
+    rc = 0
+    for node, reply in ztunnel_admin(args, "metrics"):
+        if not isinstance(reply, dict) or reply.get("error"):
+            print(f"# error: {reply.get('error') if isinstance(reply, dict) else reply}", file=sys.stderr)
+            rc = 1
+            continue
+        print(f"# ztunnel on {node}")
+        print(reply.get("text", "").rstrip("\n"))
+    return rc
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    """tcpdump (or tshark with --decrypt) in a pod's or node's namespace, as the docs suggest for proving mTLS."""
+    need_root()
+    lab = lab_name(args)
+    nodes = {n["name"]: n for n in request(args, "status")["nodes"]}
+    short = {name.removeprefix(lab + "-"): name for name in nodes}
+    node_name = args.target if args.target in nodes else short.get(args.target)
+    if node_name:
+        netns_name = nodes[node_name]["netns"]
+    else:
+        netns_name = request(args, "resolve_pod", ref=args.target, namespace=args.namespace)["netns"]
+    from .model import Node
+    from .supervisor.components import NodeSockets
+
+    # every node's key log: the two ends of one HBONE flow are two ztunnels on two nodes
+    keylogs = [NodeSockets.of(lab, Node(name=n, index=0, role="", ip="", pod_cidr="", netns="")).keylog
+               for n in nodes]
+    iface = args.iface or ("any" if node_name else "eth0")
+    if args.decrypt:
+        keylog = os.path.join(state.run_dir(lab), "tls-keylog-all.txt")
+        with open(keylog, "w") as out:
+            for k in keylogs:
+                if os.path.exists(k):
+                    out.write(open(k).read())
+        cmd = ["tshark", "-i", iface, "-l", "-n", "-o", f"tls.keylog_file:{keylog}", "-d", "tcp.port==15008,tls",
+               "-Y", args.filter or "http2.type == 1 || http2.type == 0", "-O", "http2", "-c", str(args.count or 20)]
+        if args.filter is None:
+            cmd += ["-f", "tcp port 15008"]
+    else:
+        cmd = ["tcpdump", "-i", iface, "-n", "-l", "-c", str(args.count or 20)] + ([args.filter] if args.filter else [])
+    full = ["ip", "netns", "exec", netns_name, *cmd]
+    print("# " + " ".join(full), file=sys.stderr)
+    try:
+        return subprocess.call(full)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -355,7 +502,7 @@ def cmd_default(args: argparse.Namespace) -> int:
         print(f"lab {lab!r} is already running.", file=sys.stderr)
         print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
         return 0
-    args.filename, args.nodes, args.quiet = [], 0, False
+    args.filename, args.nodes, args.quiet, args.cert_ttl = [], 0, False, 0
     return cmd_up(args)
 
 
@@ -379,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-cni-taint", action="store_true",
                    help="reproduce Istio's start-up race: no cni.istio.io/not-ready taint, pods start before istio-cni")
+    p.add_argument("--cert-ttl", type=int, default=0, metavar="SECONDS",
+                   help="workload certificate lifetime (default 24h); short values show rotation at half-life")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", parents=[common], help="remove a lab: every namespace, process and file it made")
@@ -418,8 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_exec)
 
-    p = sub.add_parser("logs", parents=[common, ns], help="a pod's app log")
-    p.add_argument("pod", metavar="POD|deploy/NAME")
+    p = sub.add_parser("logs", parents=[common, ns], help="a pod's app log, or ztunnel's, istiod's, cni's",
+                       description="e.g. ambient-lab logs deploy/productpage; ambient-lab logs ztunnel --node worker2")
+    p.add_argument("pod", metavar="POD|deploy/NAME|ztunnel|istiod|cni|kube-dns")
+    p.add_argument("--node", help="for component logs: one node only")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--tail", type=int, default=None)
     p.set_defaults(func=cmd_logs)
@@ -438,9 +589,32 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, fn, text in (("kill", cmd_kill, "kill a node's component (SIGKILL), to see what fails"),
                            ("restart", cmd_restart, "start a node's component again")):
         p = sub.add_parser(verb, parents=[common], help=text, description="components: kube-dns, istio-cni, ztunnel")
-        p.add_argument("component", choices=["ztunnel", "istio-cni", "kube-dns"])
+        p.add_argument("component", choices=["ztunnel", "istio-cni", "kube-dns", "istiod"])
         p.add_argument("node", help="node name, e.g. ambient-worker2 or worker2")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("ztunnel-config", aliases=["zc"], parents=[common],
+                       help="ztunnel's own view: workloads, services, policies, certificates, connections",
+                       description="istioctl ztunnel-config, read from each node's ztunnel")
+    p.add_argument("section", nargs="?", default="all",
+                   help="workloads | services | policies | certificates | connections | all")
+    p.add_argument("--node", help="one node's ztunnel only")
+    p.add_argument("-o", "--output", choices=["json"])
+    p.set_defaults(func=cmd_ztunnel_config)
+
+    p = sub.add_parser("metrics", parents=[common], help="ztunnel's Prometheus metrics (istio_tcp_*)")
+    p.add_argument("--node", help="one node's ztunnel only")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("capture", parents=[common, ns], help="tcpdump/tshark inside a pod or node namespace",
+                       description="e.g. ambient-lab capture deploy/productpage (TLS on 15008 only); "
+                                   "ambient-lab capture worker2 --decrypt (the HTTP/2 CONNECT inside HBONE)")
+    p.add_argument("target", metavar="POD|deploy/NAME|NODE")
+    p.add_argument("--iface", help="interface (default eth0 for a pod, any for a node); lo shows the plaintext leg")
+    p.add_argument("--decrypt", action="store_true", help="tshark with ztunnel's TLS key log: HTTP/2 inside HBONE")
+    p.add_argument("-c", "--count", type=int, default=0, help="stop after N packets (default 20)")
+    p.add_argument("--filter", help="a capture filter (tcpdump) or display filter (tshark)")
+    p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser("doctor", parents=[common], help="check this machine can run the lab, with the fix for each problem")
     p.set_defaults(func=cmd_doctor)

@@ -58,17 +58,20 @@ class LabRecord:
     netns: list[str] = field(default_factory=list)
     processes: list[ProcessEntry] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    closed: bool = False  # set by teardown: a removed lab's record is never written again
 
     @property
     def file(self) -> str:
         return os.path.join(run_dir(self.lab), "state.json")
 
     def save(self) -> None:
+        if self.closed:
+            return
         d = run_dir(self.lab)
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".state-")
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
+            json.dump({k: v for k, v in asdict(self).items() if k != "closed"}, f, indent=1)
         os.replace(tmp, self.file)
 
     @classmethod
@@ -113,9 +116,19 @@ class LabRecord:
             self.save()
 
 
+def process_state(pid: int) -> str:
+    """Field 3 of /proc/<pid>/stat: R, S, D, Z (zombie: exited, not yet reaped)... or "" if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def is_alive(entry: ProcessEntry) -> bool:
-    """The recorded process still runs (same pid AND same start time)."""
-    return process_start_time(entry.pid) == entry.start
+    """The recorded process still runs: same pid AND same start time, and not a zombie (an exited
+    process whose parent has not collected it yet is gone for every purpose of ours)."""
+    return process_start_time(entry.pid) == entry.start and process_state(entry.pid) not in ("Z", "X", "")
 
 
 def running_labs() -> list[str]:

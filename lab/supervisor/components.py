@@ -34,12 +34,13 @@ class NodeSockets:
     zds: str  # node agent <-> ztunnel (ZDS)
     ztunnel_admin: str
     token: str  # the node's credential towards istiod (stands in for ztunnel's service-account token)
+    keylog: str  # NSS key log of every TLS session this node's ztunnel makes or accepts
 
     @classmethod
     def of(cls, lab: str, node: Node) -> "NodeSockets":
         d = node_dir(lab, node)
         return cls(os.path.join(d, "pluginevent.sock"), os.path.join(d, "ztunnel.sock"),
-                   os.path.join(d, "ztunnel-admin.sock"), os.path.join(d, "token"))
+                   os.path.join(d, "ztunnel-admin.sock"), os.path.join(d, "token"), os.path.join(d, "tls-keylog.txt"))
 
 
 def istiod_dir(lab: str) -> str:
@@ -91,11 +92,13 @@ class Components:
             cmd = py + ["lab.ztunnel", "--lab", self.lab, "--node", node.name, "--zds-socket", s.zds,
                         "--admin-socket", s.ztunnel_admin]
             if self.istiod_address:
-                cmd += ["--xds-address", self.istiod_address, "--token-file", s.token,
+                cmd += ["--xds-address", self.istiod_address, "--token-file", s.token, "--keylog", s.keylog,
                         "--root-cert", os.path.join(istiod_dir(self.lab), "root-cert.pem")]
+                if self.cert_ttl:
+                    cmd += ["--cert-ttl", str(self.cert_ttl)]
             return cmd
         if what == "istiod":
-            return py + ["lab.istiod", "--lab", self.lab, "--listen", self.istiod_address, "--ca-dir",
+            return py + ["lab.istiod", "--lab", self.lab, "--listen", f"{node.ip}:{XDS_PORT}", "--ca-dir",
                          istiod_dir(self.lab), "--tokens", os.path.join(istiod_dir(self.lab), "tokens.json")] + (
                 ["--workload-cert-ttl", str(self.cert_ttl)] if self.cert_ttl else [])
         raise LabError(f"unknown component {what!r}", f"one of: {', '.join(COMPONENTS)}")

@@ -27,7 +27,7 @@ from .. import addressing, cluster, kubelet, kubeproxy, manifests, printers
 from ..apiserver import ApiServer, resolve_kind
 from ..cni import enrolment, plugin_events
 from ..model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION
-from .components import COMPONENTS, Components, NodeSockets
+from .components import COMPONENTS, XDS_PORT, Components, NodeSockets, istiod_dir, write_node_tokens
 from ..cleanup import stop_processes, teardown
 from ..errors import LabError
 from ..events import Event, events_socket
@@ -46,7 +46,7 @@ def supervisor_socket(lab: str) -> str:
 
 
 class Supervisor:
-    def __init__(self, lab: str, workers: int, files: list[str], cni_taint: bool = True) -> None:
+    def __init__(self, lab: str, workers: int, files: list[str], cni_taint: bool = True, cert_ttl: int = 0) -> None:
         self.lab = lab
         self.files = files
         # Istio's fix for the start-up race (reference §7.1): nodes carry a taint until istio-cni is
@@ -68,7 +68,8 @@ class Supervisor:
         self.started = time.time()
         self.lock = asyncio.Lock()  # one change to the cluster at a time
         self._children: dict[int, Any] = {}  # Popen objects, so exits are reaped and seen
-        self.components = Components(lab, self.record, self.logs_dir, self.dns_records_path)
+        self.components = Components(lab, self.record, self.logs_dir, self.dns_records_path, cert_ttl=cert_ttl)
+        self.control_plane = self.nodes[0]
         self.agent_ready: set[str] = set()  # nodes whose istio-cni agent answers
         self.enrolled: dict[tuple, str] = {}  # pod key -> the agent's last answer (enabled|pending)
         self.seen_ambient: dict[tuple, bool] = {}  # pod key -> ambient per labels, at the last look
@@ -109,6 +110,7 @@ class Supervisor:
         self.write_dns_records()
         for node in self.nodes:
             self.components.start("kube-dns", node)
+        await self.start_istiod()
         async with self.lock:
             if loaded.resources:
                 self.api.apply(loaded.resources)
@@ -127,12 +129,26 @@ class Supervisor:
         asyncio.get_running_loop().create_task(self.watch_components())
         self.say(f"lab {self.lab} ready in {time.monotonic() - t0:.2f}s")
 
+    async def start_istiod(self) -> None:
+        """istiod on the control-plane node: it watches this API server, pushes config, signs certificates."""
+        write_node_tokens(self.lab, self.nodes)
+        self.record.add_path(istiod_dir(self.lab))
+        self.components.start("istiod", self.control_plane)
+        root = os.path.join(istiod_dir(self.lab), "root-cert.pem")
+        deadline = time.monotonic() + 15
+        while not os.path.exists(root):
+            if not self.components.running("istiod", self.control_plane) or time.monotonic() > deadline:
+                raise LabError("istiod did not start", f"see {self.components.log_path('istiod', self.control_plane)}")
+            await asyncio.sleep(0.02)
+        self.say(f"istiod is up on {self.control_plane.name} ({self.control_plane.ip}:{XDS_PORT}): "
+                 "registry, config push, certificate authority")
+
     async def start_mesh_agents(self) -> None:
         """istio-cni and ztunnel on every node; the untaint controller lifts the taint once the agent is ready."""
         self.say("starting istio-cni and ztunnel on every node")
         for node in self.nodes:
             self.components.start("istio-cni", node)
-            self.components.start("ztunnel", node)
+            self.components.start("ztunnel", node)  # a DaemonSet: the control-plane node gets one too
         await asyncio.gather(*(self.wait_agent_ready(n) for n in self.nodes))
         self.api.reconcile()  # the scheduler places the pods that waited for the taint to go
     async def wait_agent_ready(self, node: Node, timeout: float = 15.0) -> None:
@@ -630,6 +646,8 @@ class Supervisor:
 
     async def op_restart(self, req: dict, reply: Reply) -> None:
         what, node = self.component_node(req)
+        if what == "istiod" and node is not self.control_plane:
+            raise LabError(f"istiod runs on {self.control_plane.name}, not {node.name}")
         if self.components.running(what, node):
             self.components.kill(what, node)
         pid = self.components.start(what, node)
@@ -647,7 +665,8 @@ class Supervisor:
 
     async def op_components(self, req: dict, reply: Reply) -> None:
         rows = [{"component": what, "node": n.name, "pid": self.components.pid(what, n),
-                 "running": self.components.running(what, n)} for n in self.nodes for what in COMPONENTS]
+                 "running": self.components.running(what, n)} for n in self.nodes for what in COMPONENTS
+                if what != "istiod" or n is self.control_plane]
         uncaptured = [f"{p.namespace}/{p.name}" for k, p in self.running.items()
                       if self.is_ambient(p) and not p.meta.annotations.get(REDIRECTION_ANNOTATION)]
         await reply({"done": True, "components": rows, "uncaptured": uncaptured})
@@ -707,8 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("-f", "--filename", action="append", default=[])
     ap.add_argument("--no-cni-taint", action="store_true")
+    ap.add_argument("--cert-ttl", type=int, default=0)
     args = ap.parse_args(argv)
-    sup = Supervisor(args.name, args.nodes, args.filename, cni_taint=not args.no_cni_taint)
+    sup = Supervisor(args.name, args.nodes, args.filename, cni_taint=not args.no_cni_taint, cert_ttl=args.cert_ttl)
     sup.record.supervisor = None
     me = os.getpid()
     from ..state import ProcessEntry
