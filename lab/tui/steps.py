@@ -59,8 +59,9 @@ def is_denial(kind: str, fields: dict[str, Any]) -> bool:
 
 
 def decisive_policy(fields: dict[str, Any]) -> str:
-    """The policy an authorization step names, whatever the field is called."""
-    for key in ("policy", "policies", "matched", "rule"):
+    """The policy an authorization step names: the one that decided, or else the ALLOW policies
+    evaluated without a match ("allow policies exist, but none allowed")."""
+    for key in ("policy", "policies", "matched", "rule", "evaluated"):
         v = fields.get(key)
         if v:
             return ", ".join(v) if isinstance(v, (list, tuple)) else str(v)
@@ -71,6 +72,8 @@ def format_details(fields: dict[str, Any]) -> list[tuple[str, str]]:
     """The fields of a step as (name, value) lines, lists and dicts flattened readably."""
     out = []
     for k, v in fields.items():
+        if v in (None, "", [], {}):
+            continue
         if isinstance(v, dict):
             text = ", ".join(f"{a}={b}" for a, b in v.items())
         elif isinstance(v, (list, tuple)):

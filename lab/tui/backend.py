@@ -1,0 +1,403 @@
+"""Where the TUI's data comes from: a live lab's supervisor, or a recording of one.
+
+The TUI is a client of the supervisor only, as k9s is a client of the API server. A backend
+turns the supervisor's streams into messages for the view model (lab/tui/model.py) and answers
+the few requests the screens make:
+
+- `LiveBackend`: the supervisor's unix socket (lab/supervisor/client.py). Worker threads follow
+  `trace` (the event stream), `watch_cluster` (list-then-watch snapshots) and poll `components`;
+  they only append to a queue, which the app drains on its own timer (coalescing). Kernel views
+  of a pod run `ip netns exec <pod netns> ...` as a learner would.
+- `RecordedBackend`: a directory recorded from a real lab (events, one snapshot, the `get -o
+  json` outputs, the pod commands' outputs). It answers reads from the recording and refuses
+  changes; tests use it, so they need neither root nor timing luck.
+
+No Textual here.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import LabError
+from .commands import POD_TABS, Request, pod_tab_commands
+from .model import PodState
+
+QUEUE_LIMIT = 100_000  # messages waiting for the app; beyond this, events are counted as dropped
+COMPONENTS_EVERY = 2.0  # seconds between `components` polls
+
+STEP_HOLD_UNAVAILABLE = (
+    "Holding flows is not available: the lab's proxies (ztunnel, the waypoint) do not yet stop a new "
+    "connection before each step and wait for a release, and the supervisor has no `step` request. "
+    "What works: replaying the recorded steps of a flow one at a time (space)."
+)
+
+
+class Backend(ABC):
+    """The interface the app uses; the two implementations differ only in where data comes from."""
+
+    live: bool = False
+    can_exec: bool = False  # may the app run commands in the lab's namespaces (needs root, a live lab)
+
+    def __init__(self, lab: str) -> None:
+        self.lab = lab
+        self._queue: collections.deque[dict] = collections.deque()
+        self._latest: dict[str, dict] = {}  # "snapshot"/"components": only the newest one matters
+        self._lock = threading.Lock()
+        self.dropped = 0
+        self.received = 0
+        self.sent: collections.deque[Request] = collections.deque(maxlen=100)  # the last requests made, in order
+
+    # -- the message queue (worker threads post, the app drains) ---------------------------------
+    def post(self, message: dict) -> None:
+        """Queue one message for the model. Snapshots and components replace older ones (coalescing)."""
+        with self._lock:
+            self.received += 1
+            for slot in ("snapshot", "components"):
+                if slot in message:
+                    self._latest[slot] = message
+                    return
+            if len(self._queue) >= QUEUE_LIMIT:
+                self.dropped += 1
+                return
+            self._queue.append(message)
+
+    def drain(self, limit: int = 20_000) -> list[dict]:
+        """Up to `limit` queued messages, oldest first; the newest snapshot/components come first."""
+        with self._lock:
+            out = [self._latest.pop(k) for k in ("snapshot", "components") if k in self._latest]
+            n = min(limit, len(self._queue))
+            out += [self._queue.popleft() for _ in range(n)]
+        return out
+
+    def pending(self) -> int:
+        return len(self._queue) + len(self._latest)
+
+    # -- what each backend provides ---------------------------------------------------------------
+    @abstractmethod
+    def start(self) -> None:
+        """Begin delivering messages (non-blocking)."""
+
+    def stop(self) -> None:
+        """Stop delivering messages."""
+
+    @abstractmethod
+    def _call(self, op: str, fields: dict) -> dict:
+        ...
+
+    def request(self, op: str, **fields: Any) -> dict:
+        """One supervisor request (`label`, `apply`, `kill`, `restart`, `get`, `resolve_pod`...).
+        Blocking: the app calls it from a worker thread. Raises LabError."""
+        self.sent.append(Request(op, dict(fields)))
+        return self._call(op, fields)
+
+    def send(self, req: Request) -> dict:
+        return self.request(req.op, **req.fields)
+
+    @abstractmethod
+    def pod_output(self, pod: PodState, tab: str) -> str:
+        """The pod view's kernel tabs (iptables, sockets, network) for one pod."""
+
+    @abstractmethod
+    def logs(self, pod: PodState | None = None, component: str = "", node: str = "") -> str:
+        """A pod's app log, or a component's log on a node."""
+
+    def yaml(self, kind: str, namespace: str, name: str) -> str:
+        """`ambient-lab get KIND NAME -o yaml`."""
+        return self.request("get", kind=kind, name=name, namespace=namespace, output="yaml").get("stdout", "")
+
+    def step_support(self) -> tuple[bool, str]:
+        """Can the proxies hold a new flow before each step (the mesh debugger)?"""
+        return False, STEP_HOLD_UNAVAILABLE
+
+    def now(self) -> float:
+        return time.time()
+
+    def describe(self) -> str:
+        return f"lab {self.lab}"
+
+
+# -- live ----------------------------------------------------------------------------------------
+class LiveBackend(Backend):
+    """A running lab, through its supervisor's socket; starts the lab first when asked to."""
+
+    live = True
+    can_exec = True
+
+    def __init__(self, lab: str, files: list[str] | None = None, start_if_needed: bool = True) -> None:
+        super().__init__(lab)
+        self.files = list(files or [])
+        self.start_if_needed = start_if_needed
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_ts = 0.0
+        self.started_lab = False  # this TUI brought the lab up (so `--down-on-exit` may remove it)
+
+    def start(self) -> None:
+        t = threading.Thread(target=self._attach, name="tui-attach", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _attach(self) -> None:
+        from .. import cli
+
+        try:
+            if not cli.supervisor_alive(self.lab):
+                if not self.start_if_needed:
+                    raise LabError(f"lab {self.lab!r} is not running", f"start it with: sudo ambient-lab up --name {self.lab}")
+                self._start_lab()
+        except LabError as e:
+            self.post({"status": f"error: {e.message}" + (f" (fix: {e.fix})" if e.fix else "")})
+            return
+        self.post({"status": f"live: attached to lab {self.lab}"})
+        for target, args in ((self._follow, ("trace", "event", {"follow": True})),
+                             (self._follow, ("watch_cluster", "snapshot", {})),
+                             (self._poll_components, ())):
+            t = threading.Thread(target=target, args=args, name=f"tui-{args[0] if args else 'components'}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _start_lab(self) -> None:
+        """`ambient-lab up` (quietly), while streaming the supervisor's progress into the TUI."""
+        from .. import cli
+        from ..supervisor.client import request
+        from ..supervisor.server import supervisor_socket
+
+        self.post({"status": f"starting lab {self.lab}..."})
+        done = threading.Event()
+
+        def progress() -> None:
+            while not done.is_set() and not os.path.exists(supervisor_socket(self.lab)):
+                time.sleep(0.05)
+            try:
+                for msg in request(self.lab, "wait_ready", timeout=300):
+                    if "progress" in msg:
+                        self.post({"progress": msg["progress"]})
+            except (LabError, OSError):
+                pass
+
+        t = threading.Thread(target=progress, name="tui-progress", daemon=True)
+        t.start()
+        try:
+            cli.start_lab(self.lab, list(self.files or []), quiet=True)
+            self.started_lab = True
+        finally:
+            done.set()
+            t.join(timeout=5)
+
+    def _follow(self, op: str, key: str, fields: dict) -> None:
+        """Follow one streaming request; reconnect (quietly skipping replayed history) if it drops."""
+        from ..supervisor.client import request
+
+        replay_until = 0.0
+        while not self._stop.is_set():
+            try:
+                for msg in request(self.lab, op, timeout=None, **fields):
+                    if self._stop.is_set():
+                        return
+                    if key == "event" and "event" in msg:
+                        ts = float(msg["event"].get("ts", 0))
+                        if ts <= replay_until:
+                            continue
+                        self._last_ts = max(self._last_ts, ts)
+                    if key in msg:
+                        self.post(msg)
+            except (LabError, OSError, ValueError) as e:
+                if self._stop.is_set():
+                    return
+                self.post({"status": f"lost the supervisor ({getattr(e, 'message', e)}); retrying"})
+            replay_until = self._last_ts
+            self._stop.wait(1.0)
+
+    def _poll_components(self) -> None:
+        from ..supervisor.client import call
+
+        while not self._stop.is_set():
+            try:
+                self.post(call(self.lab, "components", timeout=10))
+            except (LabError, OSError, ValueError):
+                pass
+            self._stop.wait(COMPONENTS_EVERY)
+
+    def _call(self, op: str, fields: dict) -> dict:
+        from ..supervisor.client import call
+
+        try:
+            return call(self.lab, op, timeout=120, **fields)
+        except OSError as e:
+            raise LabError(f"cannot reach the supervisor of lab {self.lab}: {e}") from None
+
+    def _netns(self, pod: PodState) -> str:
+        if pod.netns:
+            return pod.netns
+        return self.request("resolve_pod", ref=pod.name, namespace=pod.namespace)["netns"]
+
+    def pod_output(self, pod: PodState, tab: str) -> str:
+        out = []
+        for argv in pod_tab_commands(self._netns(pod), tab):
+            try:
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                out.append(f"$ {' '.join(argv)}\n{r.stdout}{r.stderr}")
+            except (OSError, subprocess.TimeoutExpired) as e:
+                out.append(f"$ {' '.join(argv)}\n{e}")
+        return "\n".join(out)
+
+    def logs(self, pod: PodState | None = None, component: str = "", node: str = "", limit: int = 65536) -> str:
+        if pod is not None:
+            path = self.request("resolve_pod", ref=pod.name, namespace=pod.namespace)["log"]
+        else:
+            from ..state import run_dir
+
+            path = os.path.join(run_dir(self.lab), "logs", f"{component}_{node}.log")
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+                return f.read().decode(errors="replace")
+        except OSError as e:
+            return f"cannot read {path}: {e}"
+
+    def step_support(self) -> tuple[bool, str]:
+        try:
+            reply = self.request("step", action="status")
+        except LabError as e:
+            if "unknown operation" in e.message:
+                return False, STEP_HOLD_UNAVAILABLE
+            return False, e.message
+        return bool(reply.get("available")), reply.get("message", "")
+
+    def describe(self) -> str:
+        return f"lab {self.lab} (live)"
+
+
+# -- recorded ------------------------------------------------------------------------------------
+class RecordedBackend(Backend):
+    """A recording of a real lab (see tests/tui/record_fixtures.py for how one is made).
+
+    Layout: `lab.json` ({"lab": name}), `events.jsonl` (`ambient-lab trace -o json`),
+    `snapshot.json` (one `watch_cluster` snapshot), `components.json`, `get/<kind>.json`
+    (`ambient-lab get KIND -A -o json`), `pods/<pod>/<tab>.txt` (iptables, sockets, network) and
+    `logs/<pod or component_node>.log`.
+
+    `rate` replays the events at that many per second in a loop, each pass with fresh flow ids
+    and timestamps (the responsiveness bench); otherwise everything is queued by `start()`.
+    """
+
+    def __init__(self, directory: str | Path, rate: float = 0.0, loops: int = 1) -> None:
+        self.dir = Path(directory)
+        meta = json.loads((self.dir / "lab.json").read_text()) if (self.dir / "lab.json").exists() else {}
+        super().__init__(meta.get("lab", self.dir.name))
+        self.events = [json.loads(line) for line in (self.dir / "events.jsonl").read_text().splitlines() if line.strip()]
+        self.snapshot = json.loads((self.dir / "snapshot.json").read_text())
+        comp = self.dir / "components.json"
+        self.components = json.loads(comp.read_text()) if comp.exists() else None
+        self.rate = rate
+        self.loops = loops
+        self._stop = threading.Event()
+        self._feeder: threading.Thread | None = None
+        self.replayed = 0
+        self.feed_started = self.feed_ended = 0.0
+        self._clock = max((e.get("ts", 0) for e in self.events), default=0.0) + 1.0
+
+    def start(self) -> None:
+        self.post({"status": f"recorded: {self.lab} ({len(self.events)} events)"})
+        self.post({"snapshot": self.snapshot})
+        if self.components:
+            self.post({"components": self.components.get("components", []),
+                       "uncaptured": self.components.get("uncaptured", [])})
+        if not self.rate:
+            for ev in self.events:
+                self.post({"event": ev})
+            return
+        self._feeder = threading.Thread(target=self._feed, name="tui-replay", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        """Post events at `rate` per second, in small batches, re-keying flows on every pass."""
+        interval = 1.0 / self.rate
+        t0 = self.feed_started = time.monotonic()
+        n = 0
+        for _ in range(self.loops):
+            remap: dict[str, str] = {}
+            for ev in self.events:
+                if self._stop.is_set():
+                    return
+                ev = dict(ev, ts=time.time())
+                if ev.get("flow"):
+                    ev["flow"] = remap.setdefault(ev["flow"], uuid.uuid4().hex)
+                self.post({"event": ev, "posted": time.monotonic()})
+                n += 1
+                self.replayed = n
+                self.feed_ended = time.monotonic()
+                delay = t0 + n * interval - self.feed_ended
+                if delay > 0:
+                    time.sleep(delay)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_replayed(self, timeout: float) -> None:
+        if self._feeder is not None:
+            self._feeder.join(timeout)
+
+    def now(self) -> float:
+        return self._clock if not self.rate else time.time()
+
+    def _get_items(self, kind: str) -> list[dict]:
+        path = self.dir / "get" / f"{kind}.json"
+        return json.loads(path.read_text()).get("items", []) if path.exists() else []
+
+    def _call(self, op: str, fields: dict) -> dict:
+        if op == "get":
+            items = self._get_items(fields["kind"])
+            if fields.get("name"):
+                ns = fields.get("namespace")
+                items = [i for i in items if i["metadata"]["name"] == fields["name"]
+                         and (not ns or i["metadata"].get("namespace", ns) == ns)]
+                if not items:
+                    raise LabError(f'{fields["kind"]} "{fields["name"]}" is not in the recording')
+            doc = items[0] if fields.get("name") else {"apiVersion": "v1", "kind": "List", "items": items}
+            if fields.get("output") == "yaml":
+                return {"done": True, "stdout": yaml.safe_dump(doc, sort_keys=False)}
+            return {"done": True, "stdout": json.dumps(doc, indent=4)}
+        if op == "resolve_pod":
+            for p in self.snapshot.get("pods", []):
+                if p["name"] == fields["ref"] and p["namespace"] == (fields.get("namespace") or "default"):
+                    netns = next((e["fields"].get("netns", "") for e in self.events
+                                  if e["kind"] == "pod.created" and e["pod"] == p["name"]), "")
+                    return {"done": True, "pod": p["name"], "namespace": p["namespace"], "node": p["node"],
+                            "ip": p["ip"], "phase": p["phase"], "netns": netns,
+                            "log": str(self.dir / "logs" / f"{p['name']}.log")}
+            raise LabError(f'pod "{fields["ref"]}" is not in the recording')
+        raise LabError(f"this is a recording of lab {self.lab}: `{op}` cannot change it",
+                       "to act on a lab, run the TUI on a live one: sudo ambient-lab tui")
+
+    def pod_output(self, pod: PodState, tab: str) -> str:
+        if tab not in POD_TABS:
+            raise ValueError(tab)
+        path = self.dir / "pods" / pod.name / f"{tab}.txt"
+        if path.exists():
+            return path.read_text()
+        have = sorted(p.name for p in (self.dir / "pods").iterdir()) if (self.dir / "pods").is_dir() else []
+        return (f"(this recording has no {tab} output for {pod.name}; it has it for: {', '.join(have) or 'no pod'})")
+
+    def logs(self, pod: PodState | None = None, component: str = "", node: str = "") -> str:
+        name = pod.name if pod is not None else f"{component}_{node}"
+        path = self.dir / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else f"(this recording has no log for {name})"
+
+    def describe(self) -> str:
+        return f"lab {self.lab} (recorded)"
