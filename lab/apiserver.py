@@ -24,7 +24,6 @@ from .model import (
     Pod,
     Resource,
     Service,
-    ServiceAccount,
     pod_labels_match,
 )
 
@@ -172,7 +171,8 @@ class ApiServer:
 
     # -- controllers --------------------------------------------------------------------------
     def reconcile(self) -> None:
-        """Deployment controller + scheduler + IPAM: make the set of pods match the deployments."""
+        """Gateway deployment controller + Deployment controller + scheduler + IPAM."""
+        self._reconcile_waypoints()
         wanted: dict[tuple, Pod] = {}
         for d in self.list("Deployment"):
             assert isinstance(d, Deployment) and d.template
@@ -194,6 +194,20 @@ class ApiServer:
             if key not in self.objects:
                 self._put(pod)
         self._place_pods()
+
+    def _reconcile_waypoints(self) -> None:
+        """istiod's deployment controller: each waypoint Gateway gets its ServiceAccount, Deployment, Service."""
+        from .istiod.deployment_controller import is_waypoint_gateway, owner_of, waypoint_objects
+
+        wanted = {o.key: o for g in self.list("Gateway") if is_waypoint_gateway(g) for o in waypoint_objects(g)}
+        for key, obj in list(self.objects.items()):
+            if owner_of(obj) and key not in wanted:
+                del self.objects[key]
+        for key, obj in wanted.items():
+            if key not in self.objects:
+                if isinstance(obj, Service):
+                    self._assign_cluster_ip(obj, None)
+                self._put(obj)
 
     def _place_pods(self) -> None:
         load: dict[str, int] = {}
@@ -218,6 +232,8 @@ class ApiServer:
             p.netns = addressing.pod_netns(self.lab, p.namespace, p.name)
             image = p.template.containers[0].image
             p.app, _ = app_for_image(image)
+            if "gateway.networking.k8s.io/gateway-name" in p.meta.labels and "proxyv2" in image:
+                p.app = "waypoint"  # the Envoy of a waypoint: played by lab/waypoint
 
     def endpoints(self, svc: Service) -> dict[str, list[Endpoint]]:
         """EndpointSlice controller: per service port name, the running pods its selector picks."""

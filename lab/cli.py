@@ -66,13 +66,21 @@ def supervisor_alive(lab: str) -> bool:
 
 def cmd_up(args: argparse.Namespace) -> int:
     need_root()
-    lab = lab_name(args)
+    files = [str(Path(f).resolve()) for f in args.filename]
+    start_lab(lab_name(args), files, nodes=args.nodes, quiet=args.quiet, no_cni_taint=args.no_cni_taint,
+              cert_ttl=args.cert_ttl)
+    return 0
+
+
+def start_lab(lab: str, files: list[str], nodes: int = 0, quiet: bool = False, no_cni_taint: bool = False,
+              cert_ttl: int = 0) -> float:
+    """Build a lab and start its supervisor; returns when it is ready (seconds taken). Used by `up` and the TUI."""
     if supervisor_alive(lab):
         raise LabError(f"a lab named {lab!r} is already running",
                        f"use it, remove it with `sudo ambient-lab down --name {lab}`, or pick another --name")
-    files = [str(Path(f).resolve()) for f in args.filename] or [default_scenario()]
+    files = files or [default_scenario()]
     loaded = manifests.load_files(files)  # bad input fails here, before anything is built
-    workers = args.nodes or (loaded.cluster.workers if loaded.cluster else 2)
+    workers = nodes or (loaded.cluster.workers if loaded.cluster else 2)
     if not 1 <= workers <= 20:
         raise LabError(f"--nodes {workers}: the lab builds 1 to 20 worker nodes")
     missing = [t for t in ("ip", "iptables-legacy-restore", "iptables-legacy-save") if not _which(t)]
@@ -80,7 +88,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise LabError(f"missing tools: {', '.join(missing)}", "install them with: sudo make setup "
                        "(or apt-get install iptables iproute2); `ambient-lab doctor` checks everything")
     if state.LabRecord.load(lab):  # a previous supervisor died: clear what it left first
-        print(f"removing what a previous run of lab {lab!r} left behind", file=sys.stderr)
+        if not quiet:
+            print(f"removing what a previous run of lab {lab!r} left behind", file=sys.stderr)
         from .cleanup import teardown
 
         teardown(state.LabRecord.load(lab))  # type: ignore[arg-type]
@@ -88,10 +97,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.makedirs(state.run_dir(lab), exist_ok=True)
     log = open(os.path.join(state.run_dir(lab), "supervisor.log"), "ab")
     cmd = [sys.executable, "-m", "lab.supervisor", "--name", lab, "--nodes", str(workers)]
-    if getattr(args, "no_cni_taint", False):
+    if no_cni_taint:
         cmd.append("--no-cni-taint")
-    if getattr(args, "cert_ttl", 0):
-        cmd += ["--cert-ttl", str(args.cert_ttl)]
+    if cert_ttl:
+        cmd += ["--cert-ttl", str(cert_ttl)]
     for f in files:
         cmd += ["-f", f]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -107,15 +116,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         time.sleep(0.01)
     try:
         for msg in sup_request(lab, "wait_ready", timeout=300):
-            if "progress" in msg and not args.quiet:
+            if "progress" in msg and not quiet:
                 print("  " + msg["progress"], file=sys.stderr)
     except LabError:
         proc.wait(timeout=30)  # the supervisor removes what it built before it exits
         raise
-    if not args.quiet:
-        print(f"lab {lab!r} is up ({time.monotonic() - t0:.2f}s). ", file=sys.stderr)
+    took = time.monotonic() - t0
+    if not quiet:
+        print(f"lab {lab!r} is up ({took:.2f}s). ", file=sys.stderr)
         print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
-    return 0
+    return took
 
 
 def _which(tool: str) -> bool:
@@ -357,11 +367,12 @@ def cmd_ztunnel_config(args: argparse.Namespace) -> int:
 
     which = ztunnel_config.section(args.section)
     rc = 0
-    for node, dump in ztunnel_admin(args, "config_dump"):
-        if not isinstance(dump, dict) or dump.get("error"):
-            print(f"error: {dump.get('error') if isinstance(dump, dict) else dump}", file=sys.stderr)
+    for node, reply in ztunnel_admin(args, "config_dump"):
+        if not isinstance(reply, dict) or reply.get("error"):
+            print(f"error: {reply.get('error') if isinstance(reply, dict) else reply}", file=sys.stderr)
             rc = 1
             continue
+        dump = reply.get("config_dump", reply)
         if args.output == "json":
             print(ztunnel_config.render_json(which, dump))
         else:
@@ -380,7 +391,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             rc = 1
             continue
         print(f"# ztunnel on {node}")
-        print(reply.get("text", "").rstrip("\n"))
+        print(reply.get("metrics", "").rstrip("\n"))
     return rc
 
 
@@ -395,31 +406,135 @@ def cmd_capture(args: argparse.Namespace) -> int:
         netns_name = nodes[node_name]["netns"]
     else:
         netns_name = request(args, "resolve_pod", ref=args.target, namespace=args.namespace)["netns"]
-    from .model import Node
-    from .supervisor.components import NodeSockets
-
-    # every node's key log: the two ends of one HBONE flow are two ztunnels on two nodes
-    keylogs = [NodeSockets.of(lab, Node(name=n, index=0, role="", ip="", pod_cidr="", netns="")).keylog
-               for n in nodes]
     iface = args.iface or ("any" if node_name else "eth0")
     if args.decrypt:
-        keylog = os.path.join(state.run_dir(lab), "tls-keylog-all.txt")
-        with open(keylog, "w") as out:
-            for k in keylogs:
-                if os.path.exists(k):
-                    out.write(open(k).read())
-        cmd = ["tshark", "-i", iface, "-l", "-n", "-o", f"tls.keylog_file:{keylog}", "-d", "tcp.port==15008,tls",
-               "-Y", args.filter or "http2.type == 1 || http2.type == 0", "-O", "http2", "-c", str(args.count or 20)]
-        if args.filter is None:
-            cmd += ["-f", "tcp port 15008"]
-    else:
-        cmd = ["tcpdump", "-i", iface, "-n", "-l", "-c", str(args.count or 20)] + ([args.filter] if args.filter else [])
+        return capture_decrypted(lab, netns_name, iface, args)
+    cmd = ["tcpdump", "-i", iface, "-n", "-l", "-c", str(args.count or 20)] + ([args.filter] if args.filter else [])
     full = ["ip", "netns", "exec", netns_name, *cmd]
     print("# " + " ".join(full), file=sys.stderr)
     try:
         return subprocess.call(full)
     except KeyboardInterrupt:
         return 0
+
+
+def capture_decrypted(lab: str, netns_name: str, iface: str, args: argparse.Namespace) -> int:
+    """Record HBONE (port 15008) with tcpdump, then let tshark decrypt it with the lab's TLS key log.
+
+    TLS 1.3 can be decrypted only from the start of a connection (the handshake must be in the
+    capture), so start this before the traffic; pooled tunnels opened earlier stay opaque.
+    """
+    from .supervisor.components import tls_keylog
+
+    pcap = os.path.join(state.run_dir(lab), f"capture-{os.getpid()}.pcap")
+    record = ["ip", "netns", "exec", netns_name, "tcpdump", "-i", iface, "-n", "-U", "-w", pcap,
+              "-c", str(args.count or 40), args.filter or "tcp port 15008"]
+    print("# " + " ".join(record), file=sys.stderr)
+    print("# recording until the packet count is reached (Ctrl-C to stop early)...", file=sys.stderr)
+    try:
+        proc = subprocess.Popen(record, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+        decode = ["tshark", "-r", pcap, "-n", "-o", f"tls.keylog_file:{tls_keylog(lab)}", "-d", "tcp.port==15008,tls",
+                  "-Y", "http2.type == 1", "-O", "http2"]
+        print("# " + " ".join(decode), file=sys.stderr)
+        out = subprocess.run(decode, capture_output=True, text=True).stdout
+    finally:
+        if os.path.exists(pcap):
+            os.unlink(pcap)
+    for line in out.splitlines():
+        text = line.strip()
+        if line.startswith("Frame ") or line.startswith("Internet Protocol") or text.startswith("Stream: HEADERS") \
+                or text.startswith("Header: "):
+            print(line)
+    return 0
+
+
+WAYPOINT_YAML = """apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: {name}
+  namespace: {namespace}
+  labels:
+    istio.io/waypoint-for: {waypoint_for}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+"""
+
+
+def cmd_waypoint(args: argparse.Namespace) -> int:
+    """`istioctl waypoint apply|list|delete|generate`, with istioctl's messages."""
+    ns = args.namespace or "default"
+    text = WAYPOINT_YAML.format(name=args.waypoint, namespace=ns, waypoint_for=args.waypoint_for)
+    if args.action == "generate":
+        print(text, end="")
+        return 0
+    if args.action == "apply":
+        request(args, "apply", docs=[{"text": text, "file": "<waypoint apply>"}], namespace=ns)
+        print(f"waypoint {ns}/{args.waypoint} applied")
+        if args.enroll_namespace:
+            request(args, "label", kind="namespace", name=ns, namespace=ns, overwrite=True,
+                    changes={"istio.io/use-waypoint": args.waypoint})
+            print(f'namespace {ns} labeled with "istio.io/use-waypoint: {args.waypoint}"')
+        if args.wait:
+            deadline = time.monotonic() + 60
+            while not any(w["name"] == args.waypoint and w["programmed"] == "True"
+                          for w in request(args, "waypoints", namespace=ns)["waypoints"]):
+                if time.monotonic() > deadline:
+                    raise LabError(f"waypoint {ns}/{args.waypoint} is not programmed after 60s",
+                                   f"see: ambient-lab get pods -n {ns}; ambient-lab logs deploy/{args.waypoint} -n {ns}")
+                time.sleep(0.1)
+        return 0
+    if args.action == "delete":
+        request(args, "delete", docs=[{"text": text, "file": "<waypoint delete>"}], namespace=ns)
+        print(f"waypoint {ns}/{args.waypoint} deleted")
+        return 0
+    rows = request(args, "waypoints", namespace=ns, all_namespaces=args.all_namespaces)["waypoints"]
+    if not rows:
+        print("No waypoints found.", file=sys.stderr)
+        return 0
+    from .printers import tabulate
+
+    head = (["NAMESPACE"] if args.all_namespaces else []) + ["NAME", "REVISION", "PROGRAMMED"]
+    body = [([w["namespace"]] if args.all_namespaces else []) + [w["name"], "default", w["programmed"]] for w in rows]
+    print(tabulate([head, *body]), end="")
+    return 0
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    """The waypoints' HTTP flows, as `mitmdump -nr` prints them; the files open in mitmproxy/mitmweb as they are."""
+    from .waypoint.flows import format_flow_line, read_flows
+
+    rows = request(args, "waypoints", namespace=args.namespace, all_namespaces=True)["waypoints"]
+    if args.waypoint:
+        rows = [w for w in rows if args.waypoint in (w["name"], f"{w['namespace']}/{w['name']}")]
+    files = [os.path.join(w["dir"], "flows.mitm") for w in rows]
+    if not files:
+        raise LabError("no waypoint in this lab", "deploy one: ambient-lab waypoint apply --enroll-namespace --wait")
+    seen = {f: 0 for f in files}
+    try:
+        while True:
+            for f in files:
+                if os.path.exists(f):
+                    flows = list(read_flows(f))
+                    for flow in flows[seen[f]:]:
+                        print(format_flow_line(flow), flush=True)
+                    seen[f] = len(flows)
+            if not args.follow:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    if not args.follow:
+        print("# files: " + " ".join(files) + "  (mitmproxy -r FILE, or mitmweb -r FILE, opens them)", file=sys.stderr)
+    return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -494,16 +609,30 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
-def cmd_default(args: argparse.Namespace) -> int:
-    """No command: bring up the default lab if it is not running, then show what to do next."""
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The TUI: attach to the lab, or bring it up first (with its progress on screen)."""
     need_root()
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise LabError("the TUI needs a terminal", "run it in a terminal, or use the commands: ambient-lab --help")
+    from .tui import run
+
+    files = [str(Path(f).resolve()) for f in getattr(args, "filename", [])]
+    return run(lab_name(args), files=files or None, down_on_exit=getattr(args, "down_on_exit", False))
+
+
+def cmd_default(args: argparse.Namespace) -> int:
+    """No command: the TUI in a terminal; elsewhere, bring up the default lab and say what to do next."""
+    need_root()
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        args.filename, args.down_on_exit = [], False
+        return cmd_tui(args)
     lab = lab_name(args)
     if supervisor_alive(lab):
         print(f"lab {lab!r} is already running.", file=sys.stderr)
         print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
         return 0
-    args.filename, args.nodes, args.quiet, args.cert_ttl = [], 0, False, 0
-    return cmd_up(args)
+    start_lab(lab, [])
+    return 0
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -515,9 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="ambient-lab", parents=[common],
                                  description="Learn Istio ambient mode on a cluster of Linux network namespaces.",
-                                 epilog="With no command: bring up the default lab (bookinfo + curl + sleep) and show "
-                                        "what to do next. `ambient-lab COMMAND -h` explains each command.")
+                                 epilog="With no command: the TUI (bringing up the default lab, bookinfo + curl + sleep, "
+                                        "if it is not running). `ambient-lab COMMAND -h` explains each command.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("tui", parents=[common], help="the terminal UI (also: ambient-lab with no command)")
+    p.add_argument("-f", "--filename", action="append", default=[], help="manifests for a lab it brings up")
+    p.add_argument("--down-on-exit", action="store_true", help="remove the lab when the TUI quits")
+    p.set_defaults(func=cmd_tui)
 
     p = sub.add_parser("up", parents=[common], help="build a lab from manifests and start its supervisor")
     p.add_argument("-f", "--filename", action="append", default=[], help="manifest file or directory (repeatable); "
@@ -612,9 +746,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="POD|deploy/NAME|NODE")
     p.add_argument("--iface", help="interface (default eth0 for a pod, any for a node); lo shows the plaintext leg")
     p.add_argument("--decrypt", action="store_true", help="tshark with ztunnel's TLS key log: HTTP/2 inside HBONE")
-    p.add_argument("-c", "--count", type=int, default=0, help="stop after N packets (default 20)")
+    p.add_argument("-c", "--count", type=int, default=0, help="stop after N packets (default 20; 40 with --decrypt)")
     p.add_argument("--filter", help="a capture filter (tcpdump) or display filter (tshark)")
     p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("waypoint", parents=[common, ns], help="deploy, list or delete waypoints, like istioctl waypoint",
+                       description="e.g. ambient-lab waypoint apply --enroll-namespace --wait")
+    p.add_argument("action", choices=["apply", "list", "delete", "generate"])
+    p.add_argument("waypoint", nargs="?", default="waypoint", metavar="WAYPOINT_NAME",
+                   help="the waypoint's name (istioctl's --name; default: waypoint)")
+    p.add_argument("--enroll-namespace", action="store_true", help="label the namespace istio.io/use-waypoint=NAME")
+    p.add_argument("--wait", action="store_true", help="wait until the waypoint is programmed")
+    p.add_argument("--for", dest="waypoint_for", default="service", choices=["service", "workload", "all", "none"],
+                   help="what traffic the waypoint takes (istio.io/waypoint-for)")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.set_defaults(func=cmd_waypoint)
+
+    p = sub.add_parser("flows", parents=[common, ns], help="the waypoints' HTTP flows, like mitmdump -nr")
+    p.add_argument("--waypoint", help="one waypoint only (NAME or NS/NAME)")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.set_defaults(func=cmd_flows)
 
     p = sub.add_parser("doctor", parents=[common], help="check this machine can run the lab, with the fix for each problem")
     p.set_defaults(func=cmd_doctor)

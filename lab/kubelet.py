@@ -93,7 +93,7 @@ def app_command(pod: Pod) -> list[str]:
     return cmd
 
 
-def start_app(pod: Pod, log_path: str, record: LabRecord) -> subprocess.Popen:
+def start_app(pod: Pod, log_path: str, record: LabRecord, command: list[str] | None = None) -> subprocess.Popen:
     """Start the pod's app inside its namespace (`ip netns exec` execs it: same pid), and record it."""
     env = {
         **(pod.template.containers[0].env if pod.template else {}),
@@ -109,7 +109,8 @@ def start_app(pod: Pod, log_path: str, record: LabRecord) -> subprocess.Popen:
         "PYTHONUNBUFFERED": "1",
     }
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(["ip", "netns", "exec", pod.netns, *app_command(pod)], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(["ip", "netns", "exec", pod.netns, *(command or app_command(pod))],
+                                stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 cwd="/")
     record.add_process(proc.pid, f"app {pod.namespace}/{pod.name}")

@@ -47,9 +47,9 @@ def workload_rows(dump: dict) -> list[list[str]]:
     rows = []
     for w in dump.get("workloads", []):
         w = w.get("workload", w)
+        protocol = w.get("protocol") or ("HBONE" if w.get("tunnel_protocol") == "HBONE" else "TCP")
         rows.append([w.get("namespace", ""), w.get("name", ""), ",".join(_addr(a) for a in w.get("addresses", [])),
-                     w.get("node", ""), _waypoint(w.get("waypoint")),
-                     "HBONE" if w.get("tunnel_protocol") == "HBONE" else "TCP"])
+                     w.get("node", ""), _waypoint(w.get("waypoint")), protocol])
     return rows
 
 
@@ -57,14 +57,9 @@ def service_rows(dump: dict) -> list[list[str]]:
     rows = []
     for s in dump.get("services", []):
         s = s.get("service", s)
-        eps = s.get("endpoints")
-        if isinstance(eps, dict):
-            endpoints = f"{eps.get('healthy', 0)}/{eps.get('total', 0)}"
-        elif isinstance(eps, str):
-            endpoints = eps
-        else:
-            endpoints = "0/0"
-        rows.append([s.get("namespace", ""), s.get("name", ""), ",".join(_addr(a) for a in s.get("addresses", [])),
+        endpoints = f"{s.get('healthy', 0)}/{s.get('total', 0)}"
+        vips = s.get("vips") or s.get("addresses") or []
+        rows.append([s.get("namespace", ""), s.get("name", ""), ",".join(_addr(a) for a in vips),
                      _waypoint(s.get("waypoint")), endpoints])
     return rows
 

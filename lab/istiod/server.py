@@ -37,7 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
-from lab.istiod import authorization, registry
+from lab.istiod import authorization, registry, waypoints
 from lab.istiod.ca import CertificateAuthority, issue_leaf
 from lab.istiod.ca_server import CaServer
 from lab.istiod.xds_server import DiscoveryServer, XdsConnection, XdsRejected
@@ -178,7 +178,8 @@ def build_config(snapshot: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN,
                  root_namespace: str = authorization.ROOT_NAMESPACE
                  ) -> tuple[dict[str, dict[str, dict]], dict[str, list[str]]]:
     """A cluster snapshot -> ({type URL: {name: resource}}, policy statuses)."""
-    addresses = registry.build_addresses(snapshot, trust_domain, root_namespace=root_namespace)
+    addresses = registry.build_addresses(snapshot, trust_domain, root_namespace=root_namespace,
+                                         waypoint_of=waypoints.waypoint_lookup(snapshot))
     policies, statuses = authorization.build_authorizations(snapshot, root_namespace)
     return {ADDRESS_TYPE: addresses, AUTHORIZATION_TYPE: policies}, statuses
 

@@ -34,13 +34,24 @@ class NodeSockets:
     zds: str  # node agent <-> ztunnel (ZDS)
     ztunnel_admin: str
     token: str  # the node's credential towards istiod (stands in for ztunnel's service-account token)
-    keylog: str  # NSS key log of every TLS session this node's ztunnel makes or accepts
+    keylog: str  # NSS key log: every TLS session the lab's proxies make or accept (one file per lab)
 
     @classmethod
     def of(cls, lab: str, node: Node) -> "NodeSockets":
         d = node_dir(lab, node)
         return cls(os.path.join(d, "pluginevent.sock"), os.path.join(d, "ztunnel.sock"),
-                   os.path.join(d, "ztunnel-admin.sock"), os.path.join(d, "token"), os.path.join(d, "tls-keylog.txt"))
+                   os.path.join(d, "ztunnel-admin.sock"), os.path.join(d, "token"), tls_keylog(lab))
+
+
+def tls_keylog(lab: str) -> str:
+    """One NSS key log for the whole lab: the proxies append to it (line-sized appends do not interleave),
+    and tshark reads it as sessions appear, so `capture --decrypt` sees both ends of every tunnel."""
+    return os.path.join(run_dir(lab), "tls-keylog.txt")
+
+
+def waypoint_dir(lab: str, namespace: str, gateway: str) -> str:
+    """A waypoint's admin socket and flow file (flows.mitm, mitmproxy's format)."""
+    return os.path.join(run_dir(lab), "waypoints", f"{namespace}-{gateway}")
 
 
 def istiod_dir(lab: str) -> str:
@@ -102,6 +113,16 @@ class Components:
                          istiod_dir(self.lab), "--tokens", os.path.join(istiod_dir(self.lab), "tokens.json")] + (
                 ["--workload-cert-ttl", str(self.cert_ttl)] if self.cert_ttl else [])
         raise LabError(f"unknown component {what!r}", f"one of: {', '.join(COMPONENTS)}")
+
+    def waypoint_command(self, pod, node: Node) -> list[str]:
+        """The waypoint pod's process (the real pod runs Envoy): HBONE in, L7, HBONE out."""
+        s = NodeSockets.of(self.lab, node)
+        gateway = pod.meta.labels["gateway.networking.k8s.io/gateway-name"]
+        return [sys.executable, "-m", "lab.waypoint", "--lab", self.lab, "--namespace", pod.namespace,
+                "--name", gateway, "--node", node.name, "--pod", pod.name, "--pod-ip", pod.ip,
+                "--xds-address", self.istiod_address, "--token-file", s.token,
+                "--root-cert", os.path.join(istiod_dir(self.lab), "root-cert.pem"),
+                "--state-dir", waypoint_dir(self.lab, pod.namespace, gateway), "--keylog", s.keylog]
 
     def log_path(self, what: str, node: Node) -> str:
         return os.path.join(self.logs_dir, f"{what}_{node.name}.log")

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 import traceback
 from typing import Any, Awaitable, Callable
@@ -31,7 +30,7 @@ from .components import COMPONENTS, XDS_PORT, Components, NodeSockets, istiod_di
 from ..cleanup import stop_processes, teardown
 from ..errors import LabError
 from ..events import Event, events_socket
-from ..model import Node, Pod
+from ..model import Node, Pod, Service
 from ..state import LabRecord, process_start_time, run_dir
 
 SOCKET_NAME = "supervisor.sock"
@@ -70,6 +69,7 @@ class Supervisor:
         self._children: dict[int, Any] = {}  # Popen objects, so exits are reaped and seen
         self.components = Components(lab, self.record, self.logs_dir, self.dns_records_path, cert_ttl=cert_ttl)
         self.control_plane = self.nodes[0]
+        self.components.istiod_address = f"{self.control_plane.ip}:{XDS_PORT}"
         self.agent_ready: set[str] = set()  # nodes whose istio-cni agent answers
         self.enrolled: dict[tuple, str] = {}  # pod key -> the agent's last answer (enabled|pending)
         self.seen_ambient: dict[tuple, bool] = {}  # pod key -> ambient per labels, at the last look
@@ -225,7 +225,9 @@ class Supervisor:
             await self.on_kernel(kubelet.create_sandbox, pod, self.node(pod.node), self.record)
             if self.is_ambient(pod) and pod.node in self.agent_ready:
                 await self.add_to_mesh(pod, "cni-plugin")  # the chained plugin runs before the app starts
-            proc = kubelet.start_app(pod, os.path.join(self.logs_dir, f"{pod.namespace}_{pod.name}.log"), self.record)
+            command = self.components.waypoint_command(pod, self.node(pod.node)) if pod.app == "waypoint" else None
+            proc = kubelet.start_app(pod, os.path.join(self.logs_dir, f"{pod.namespace}_{pod.name}.log"), self.record,
+                                     command)
             self._children[proc.pid] = proc
             pod.phase = "ContainerCreating"
             self.running[pod.key] = pod
@@ -526,7 +528,42 @@ class Supervisor:
         return times
 
     def printer_extra(self) -> dict:
-        return printers.derive_extra(self.api, os_image=_os_image(), kernel_version=os.uname().release)
+        extra = printers.derive_extra(self.api, os_image=_os_image(), kernel_version=os.uname().release)
+        for gw, status in self.gateway_status().items():
+            extra.setdefault(gw, {}).update(status)
+        return extra
+
+    def gateway_status(self) -> dict:
+        """A waypoint Gateway is Programmed once its pod runs; its address is its Service's ClusterIP."""
+        from ..istiod.deployment_controller import GATEWAY_NAME_LABEL, is_waypoint_gateway
+
+        out = {}
+        for gw in self.api.list("Gateway"):
+            if not is_waypoint_gateway(gw):
+                continue
+            svc = self.api.objects.get(("Service", gw.namespace, gw.name))
+            pods = [p for p in self.api.pods(gw.namespace) if p.meta.labels.get(GATEWAY_NAME_LABEL) == gw.name]
+            running = any(p.phase == "Running" for p in pods)
+            out[gw.key] = {"address": svc.cluster_ip if isinstance(svc, Service) else "",
+                           "programmed": "True" if running else "False"}
+        return out
+
+    async def op_waypoints(self, req: dict, reply: Reply) -> None:
+        """`istioctl waypoint list`: waypoint Gateways with their state, pod and flow file."""
+        from ..istiod.deployment_controller import GATEWAY_NAME_LABEL, is_waypoint_gateway
+        from .components import waypoint_dir
+
+        ns = None if req.get("all_namespaces") else (req.get("namespace") or "default")
+        status = self.gateway_status()
+        rows = []
+        for gw in self.api.list("Gateway", ns):
+            if is_waypoint_gateway(gw):
+                pods = [p.name for p in self.api.pods(gw.namespace) if p.meta.labels.get(GATEWAY_NAME_LABEL) == gw.name]
+                rows.append({"namespace": gw.namespace, "name": gw.name, "pods": pods,
+                             "programmed": status[gw.key]["programmed"], "address": status[gw.key]["address"],
+                             "waypoint_for": gw.meta.labels.get("istio.io/waypoint-for", "service"),
+                             "dir": waypoint_dir(self.lab, gw.namespace, gw.name)})
+        await reply({"done": True, "waypoints": rows})
 
     async def op_apply(self, req: dict, reply: Reply) -> None:
         loaded = self.load_request(req)
