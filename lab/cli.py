@@ -566,11 +566,11 @@ def cmd_iptables(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    return emit(request(args, "kill", component=args.component, node=args.node))
+    return emit(request(args, "kill", component=args.component, node=args.node, namespace=args.namespace))
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    return emit(request(args, "restart", component=args.component, node=args.node))
+    return emit(request(args, "restart", component=args.component, node=args.node, namespace=args.namespace))
 
 
 def lab_checks(lab: str) -> list:
@@ -720,11 +720,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--table", choices=["nat", "mangle", "raw", "filter"])
     p.set_defaults(func=cmd_iptables)
 
-    for verb, fn, text in (("kill", cmd_kill, "kill a node's component (SIGKILL), to see what fails"),
-                           ("restart", cmd_restart, "start a node's component again")):
-        p = sub.add_parser(verb, parents=[common], help=text, description="components: kube-dns, istio-cni, ztunnel")
-        p.add_argument("component", choices=["ztunnel", "istio-cni", "kube-dns", "istiod"])
-        p.add_argument("node", help="node name, e.g. ambient-worker2 or worker2")
+    for verb, fn, text in (("kill", cmd_kill, "kill a component (SIGKILL), to see what fails"),
+                           ("restart", cmd_restart, "start a killed component again")):
+        p = sub.add_parser(verb, parents=[common, ns], help=text,
+                           description="ztunnel, istio-cni, kube-dns and istiod run per node (istiod: on the "
+                                       "control-plane node); a waypoint is named (default: waypoint) in -n NS")
+        p.add_argument("component", choices=["ztunnel", "istio-cni", "kube-dns", "istiod", "waypoint"])
+        p.add_argument("node", metavar="NODE|WAYPOINT", nargs="?", default="waypoint",
+                       help="node name (e.g. ambient-worker2 or worker2), or the waypoint's name")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("ztunnel-config", aliases=["zc"], parents=[common],

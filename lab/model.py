@@ -114,6 +114,7 @@ class Pod(Resource):
     phase: str = "Pending"
     app: str = ""  # the built-in stand-in app that plays the container image
     pid: int = 0
+    restarts: int = 0
 
 
 @dataclass

@@ -184,7 +184,7 @@ def derive_extra(api: "ApiServer", *, os_image: str = "", kernel_version: str = 
         extra[object_key(n)] = {"os_image": os_image, "kernel_version": kernel_version}
     pods = api.pods()
     for p in pods:
-        fields: dict[str, Any] = {"host_ip": node_ips.get(p.node, "")}
+        fields: dict[str, Any] = {"host_ip": node_ips.get(p.node, ""), "restarts": getattr(p, "restarts", 0)}
         kind, _, owner = p.owner.partition("/")
         if kind == "Deployment":
             d = api.objects.get(("Deployment", p.namespace, owner))

@@ -40,7 +40,9 @@ def _waypoint(w: Any) -> str:
             return w["hostname"].get("hostname", "").split(".")[0] or "None"
         if "address" in w:
             return _addr(w["address"])
-    return str(w)
+    text = str(w)  # "namespace/name.namespace.svc.cluster.local:15008" -> "name", as istioctl prints it
+    host = text.split("/", 1)[-1].rsplit(":", 1)[0]
+    return host.split(".")[0] if ".svc." in host else host
 
 
 def workload_rows(dump: dict) -> list[list[str]]:

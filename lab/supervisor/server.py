@@ -234,6 +234,7 @@ class Supervisor:
             self.emit("pod.created", f"pod {pod.namespace}/{pod.name} got {pod.ip} on {pod.node}, "
                       f"running the {pod.app} app", node=pod.node, pod=pod.name, ip=pod.ip, netns=pod.netns)
         if new:
+            self.changed()  # scheduled pods are visible to watchers (istiod) before they are ready
             await asyncio.gather(*(self.wait_pod_ready(p) for p in new))
         await self.sync_enrolment(skip={p.key for p in new})
         self.write_dns_records()
@@ -333,10 +334,13 @@ class Supervisor:
                 "pods": pods, "services": services, "objects": others}
 
     async def wait_pod_ready(self, pod: Pod) -> None:
-        """kubelet's readiness probe: a TCP connect to each declared port from inside the pod."""
+        """kubelet's readiness probe: a TCP connect to each declared port from inside the pod, or for a
+        waypoint (Envoy) an HTTP GET of /healthz/ready on 15021, as istio-proxy's probe does."""
         ports = sorted({p.container_port for c in pod.template.containers for p in c.ports}) if pod.template else []
+        probes = [(15021, b"/healthz/ready")] if pod.app == "waypoint" else [(port, b"") for port in ports]
         deadline = time.monotonic() + READINESS_TIMEOUT
-        for port in ports:
+        loop = asyncio.get_running_loop()
+        for port, path in probes:
             while True:
                 if process_start_time(pod.pid) is None or self._exited(pod.pid):
                     pod.phase = "Failed"
@@ -345,13 +349,20 @@ class Supervisor:
                     return
                 sock = await self.on_kernel(_socket_in, pod.netns)
                 try:
-                    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 1)
-                    break
+                    await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 1)
+                    if not path:
+                        break
+                    await loop.sock_sendall(sock, b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
+                                            b"Connection: close\r\n\r\n")
+                    head = await asyncio.wait_for(loop.sock_recv(sock, 64), 1)
+                    if head.split(b" ")[1:2] == [b"200"]:
+                        break
+                    raise OSError("not ready")
                 except (OSError, asyncio.TimeoutError):
                     if time.monotonic() > deadline:
                         pod.phase = "Failed"
                         return
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.05)
                 finally:
                     sock.close()
         pod.phase = "Running"
@@ -673,7 +684,28 @@ class Supervisor:
                 return what, n
         raise LabError(f'nodes "{name}" not found', "see: ambient-lab get nodes")
 
+    def waypoint_pod(self, req: dict) -> Pod:
+        from ..istiod.deployment_controller import GATEWAY_NAME_LABEL
+
+        ns, name = req.get("namespace") or "default", req["node"]
+        for p in self.api.pods(ns):
+            if p.meta.labels.get(GATEWAY_NAME_LABEL) == name and p.key in self.running:
+                return p
+        raise LabError(f'waypoint "{name}" has no running pod in namespace {ns!r}', "see: ambient-lab waypoint list")
+
     async def op_kill(self, req: dict, reply: Reply) -> None:
+        if req["component"] == "waypoint":
+            pod = self.waypoint_pod(req)
+            stop_processes([e for e in self.record.processes if e.pid == pod.pid], grace=0)
+            self.record.drop_process(pod.pid)
+            if (child := self._children.pop(pod.pid, None)) is not None:
+                child.wait()
+            pod.phase = "Error"
+            self.changed()
+            self.emit("component.killed", f"waypoint {pod.namespace}/{req['node']} (pod {pod.name}) was killed",
+                      component="waypoint", node=pod.node, pod=pod.name)
+            await reply({"done": True, "stdout": f"waypoint {pod.namespace}/{req['node']} killed (pod {pod.name})"})
+            return
         what, node = self.component_node(req)
         pid = self.components.kill(what, node)
         if what == "istio-cni":
@@ -682,6 +714,21 @@ class Supervisor:
         await reply({"done": True, "stdout": f"{what} on {node.name} killed (pid {pid})"})
 
     async def op_restart(self, req: dict, reply: Reply) -> None:
+        if req["component"] == "waypoint":
+            pod = self.waypoint_pod(req)
+            if pod.phase == "Running":
+                raise LabError(f"waypoint {pod.namespace}/{req['node']} is running", "kill it first to see it fail")
+            node = self.node(pod.node)
+            proc = kubelet.start_app(pod, os.path.join(self.logs_dir, f"{pod.namespace}_{pod.name}.log"), self.record,
+                                     self.components.waypoint_command(pod, node))
+            self._children[proc.pid] = proc
+            pod.restarts += 1
+            await self.wait_pod_ready(pod)
+            self.changed()
+            self.emit("component.started", f"waypoint {pod.namespace}/{req['node']} started again", component="waypoint",
+                      node=pod.node, pod=pod.name)
+            await reply({"done": True, "stdout": f"waypoint {pod.namespace}/{req['node']} started ({pod.phase})"})
+            return
         what, node = self.component_node(req)
         if what == "istiod" and node is not self.control_plane:
             raise LabError(f"istiod runs on {self.control_plane.name}, not {node.name}")
