@@ -458,6 +458,8 @@ def manifest(obj: Resource | Node, created: Mapping[Key, float], extra: Extra) -
             status["addresses"] = [{"type": "IPAddress", "value": x["address"]}]
         status["conditions"] = [{"type": "Programmed", "status": x.get("programmed", "Unknown")}]
         doc["status"] = status
+    elif obj.kind == "HTTPRoute" and x.get("route_status"):
+        doc["status"] = x["route_status"]
     return doc
 
 

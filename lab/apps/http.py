@@ -385,9 +385,9 @@ class HttpServer:
         local = writer.get_extra_info("sockname") or ("", 0)
         try:
             while True:
-                started = time.monotonic()
                 try:
                     request = await read_request(reader, writer, prefix)
+                    started = time.monotonic()  # from the request's arrival, not from keep-alive idle time
                 except HttpError as exc:
                     writer.write(render_response(Response.text(f"{exc}\n", exc.status),
                                                  keep_alive=False,

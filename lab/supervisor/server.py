@@ -542,7 +542,30 @@ class Supervisor:
         extra = printers.derive_extra(self.api, os_image=_os_image(), kernel_version=os.uname().release)
         for gw, status in self.gateway_status().items():
             extra.setdefault(gw, {}).update(status)
+        for key, doc in self.route_status().items():
+            extra.setdefault(key, {})["route_status"] = doc
         return extra
+
+    def route_status(self) -> dict:
+        """Each HTTPRoute's status as its waypoints see it (Accepted, ResolvedRefs), per parent."""
+        from ..istiod.deployment_controller import is_waypoint_gateway
+        from ..waypoint.config import build_waypoint_config, route_status_document
+
+        out: dict = {}
+        snapshot = None
+        for gw in self.api.list("Gateway"):
+            if not is_waypoint_gateway(gw):
+                continue
+            snapshot = snapshot or self.cluster_snapshot()
+            try:
+                cfg = build_waypoint_config(snapshot, gw.namespace, gw.name)
+            except Exception:  # noqa: BLE001 - status is best effort; the waypoint logs the real error
+                continue
+            for ref, status in cfg.route_status.items():
+                ns, name = ref.split("/", 1)
+                doc = route_status_document(status)
+                out.setdefault(("HTTPRoute", ns, name), {"parents": []})["parents"] += doc["parents"]
+        return out
 
     def gateway_status(self) -> dict:
         """A waypoint Gateway is Programmed once its pod runs; its address is its Service's ClusterIP."""

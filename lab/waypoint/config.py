@@ -30,6 +30,8 @@ from the supervisor's cluster snapshot (`cluster_snapshot()`), in one pure funct
   lacks) and `ResolvedRefs` (False with `BackendNotFound` when a backend Service or its port
   does not exist, `InvalidKind` for other kinds). An unresolved backend does not stop the
   route: requests that would go to it get 500, the others are routed as before.
+  `route_status_document` renders it as the route's `status` on a cluster (what istiod writes
+  back to the API server).
 """
 
 from __future__ import annotations
@@ -73,16 +75,40 @@ class Condition:
     message: str = ""
 
 
+#: The controllerName Istio writes in the status of routes attached to Services (mesh/GAMMA).
+MESH_CONTROLLER = "istio.io/mesh-controller"
+
+
 @dataclass
 class RouteStatus:
-    """`status.parents[]` of one HTTPRoute: conditions per parent ("Service/ns/name[:port]")."""
+    """`status.parents[]` of one HTTPRoute: conditions per parent ("Service/ns/name[:port]"),
+    and the parentRef each key stands for."""
 
     namespace: str
     name: str
     parents: dict[str, list[Condition]] = field(default_factory=dict)
+    parent_refs: dict[str, Any] = field(default_factory=dict)
 
     def condition(self, parent: str, type_: str) -> Condition | None:
         return next((c for c in self.parents.get(parent, []) if c.type == type_), None)
+
+
+def route_status_document(status: RouteStatus, controller: str = MESH_CONTROLLER) -> dict[str, Any]:
+    """The HTTPRoute's `status` as `kubectl get httproute NAME -o yaml` shows it on a cluster
+    (Gateway API RouteStatus: one entry per parentRef, each with its conditions)."""
+    parents = []
+    for key, conditions in sorted(status.parents.items()):
+        ref = status.parent_refs.get(key)
+        parent_ref: dict[str, Any] = {"group": ref.group, "kind": ref.kind, "name": ref.name,
+                                      "namespace": ref.namespace} if ref is not None else {"name": key}
+        if ref is not None and ref.port is not None:
+            parent_ref["port"] = ref.port
+        if ref is not None and ref.section_name:
+            parent_ref["sectionName"] = ref.section_name
+        parents.append({"parentRef": parent_ref, "controllerName": controller,
+                        "conditions": [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+                                       for c in conditions]})
+    return {"parents": parents}
 
 
 @dataclass(frozen=True)
@@ -477,6 +503,7 @@ def build_waypoint_config(snapshot: dict, namespace: str, name: str, *, trust_do
             for parent in _route_targets(route, svc):
                 accepted = accepted_condition(route, parent, svc)
                 status.parents[str(parent)] = [accepted, *resolved_conds]
+                status.parent_refs[str(parent)] = parent
                 if accepted.status != "True":
                     continue
                 if obj["namespace"] == svc["namespace"]:

@@ -71,7 +71,7 @@ from lab.waypoint import authz, filters as flt, routes
 from lab.waypoint.breaker import (ACTIVE, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM_FLAG, OVERFLOW, OVERFLOW_DETAILS,
                                   OVERFLOW_FLAG, PENDING, CircuitBreaker, OutlierDetector, Ticket)
 from lab.waypoint.config import Backend, Endpoint, ServiceConfig, WaypointConfig
-from lab.waypoint.flows import FlowFile, make_flow
+from lab.waypoint.flows import FlowFile, flow_state
 from lab.waypoint.telemetry import UNKNOWN, Metrics, Peer, RequestRecord, TraceContext, format_access_log, next_hop
 
 log = logging.getLogger("waypoint")
@@ -119,6 +119,8 @@ DELAYED_CLOSE_TIMEOUT = 1.0
 RETRY_LIMIT_FLAG = "URX"
 TIMEOUT_FLAG = "UT"
 DOWNSTREAM_TERMINATION_FLAG = "DC"
+#: Envoy's flag for a request its HTTP/1 codec refused (malformed, header block too large).
+DOWNSTREAM_PROTOCOL_ERROR_FLAG = "DPE"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,14 +216,16 @@ class HttpReader:
 
 
 def head_lines(head: bytes) -> list[bytes]:
-    """A header block (ending in CRLF CRLF) -> its lines WITH their CRLF, without the blank
-    line: what mitmproxy's read_request_head / read_response_head expect. A bare CR or LF
-    inside a line is refused (request smuggling)."""
+    """A header block (ending in CRLF CRLF) -> its lines WITHOUT their CRLF and without the
+    blank line: what mitmproxy's read_request_head / read_response_head expect (its own HTTP/1
+    layer hands them the lines of h11's receive buffer, line endings removed; with the CRLF
+    kept, a response's reason phrase would end in "\r\n"). A bare CR or LF inside a line is
+    refused (request smuggling)."""
     body = head[:-4] if head.endswith(b"\r\n\r\n") else head
     lines = body.split(b"\r\n")
     if any(b"\n" in line or b"\r" in line for line in lines):
         raise ValueError("bare CR or LF in the header block")
-    return [line + b"\r\n" for line in lines]
+    return lines
 
 
 def header_pairs(headers: mhttp.Headers) -> list[Header]:
@@ -909,7 +913,8 @@ class WaypointProxy:
     async def _reject(self, stream: HboneStream, err: HttpError, target: Target, peer: TunnelPeer,
                       trace: TraceContext, client_addr: tuple[str, int], source: Peer, start: float,
                       t0: float) -> None:
-        """400/413/431: a local reply with `Connection: close`, then this tunnel ends."""
+        """400/413/431: a local reply with `Connection: close`, then this tunnel ends. What
+        the HTTP/1 codec refused (details `http1.*`) carries Envoy's flag DPE in the log."""
         req = HttpRequest(method="-", target="-", http_version="HTTP/1.1", headers=[])
         ex = self._exchange(target, peer, trace, req, client_addr, source, start, t0)
         ex.record.response_code_details = err.details
@@ -918,7 +923,8 @@ class WaypointProxy:
                   f"{err.status} and closes the connection", trace.flow_id, error=str(err), status=err.status)
         with contextlib.suppress(HboneError):
             await self._local(stream, ex, err.status, mhttp.status_codes.RESPONSES.get(err.status, ""),
-                              details=err.details, close=True)
+                              details=err.details, close=True,
+                              flags=DOWNSTREAM_PROTOCOL_ERROR_FLAG if err.details.startswith("http1.") else "-")
 
     # -- one request ------------------------------------------------------------------------
     async def handle_request(self, stream: HboneStream, ex: Exchange) -> None:
@@ -1172,6 +1178,7 @@ class WaypointProxy:
                 conn = await self._connection(state, ticket, ep, ex)
                 attempt.conn = conn
                 attempt.sent_at = self.clock()
+                self._sent_to(ex, ep, conn)
                 conn.tunnel.stream.write(payload)
                 await conn.tunnel.stream.drain()
                 conn.requests += 1
@@ -1228,6 +1235,14 @@ class WaypointProxy:
                   identity=str(self.identity), peer_identity=str(tunnel.peer_identity or ""), reused=False,
                   new_connection=tunnel.new_connection, authority=hbone.authority, headers=dict(hbone.headers))
         return conn
+
+    def _sent_to(self, ex: Exchange, ep: Endpoint, conn: UpstreamConn) -> None:
+        """The request goes out to `ep`: from now on the access log names this upstream host
+        (Envoy's UPSTREAM_HOST is that of the latest try, also when `timeouts.request` ends the
+        request before any answer)."""
+        ex.record.upstream_host = ep.address
+        ex.record.upstream_local = conn.tunnel.local
+        ex.record.destination = self._destination(ep)
 
     @staticmethod
     def _destination(ep: Endpoint) -> Peer:
@@ -1426,14 +1441,11 @@ class WaypointProxy:
         self.metrics.record(rec)
         if self.flows is not None and ex.request.method != "-":
             try:
-                flow = make_flow(rec, request_headers=ex.request.headers, request_body=ex.request.body,
-                                 response_headers=ex.response_headers, response_body=bytes(ex.response_body),
-                                 response_reason=ex.response_reason, extra={"waypoint": self.name})
-                if ex.aborted:
-                    from mitmproxy.flow import Error
-
-                    flow.error = Error(f"stream reset: {rec.response_code_details}")
-                self.flows.append(flow)
+                self.flows.append(flow_state(
+                    rec, request_headers=ex.request.headers, request_body=ex.request.body,
+                    response_headers=ex.response_headers, response_body=bytes(ex.response_body),
+                    response_reason=ex.response_reason, extra={"waypoint": self.name},
+                    error=f"stream reset: {rec.response_code_details}" if ex.aborted else ""))
             except Exception:  # a broken flow file must not break the data path
                 log.exception("writing the flow file failed")
         upstream = f" from pod {rec.destination.pod}" if rec.destination.pod else " (answered by the waypoint)"
@@ -1453,3 +1465,5 @@ class WaypointProxy:
         await asyncio.gather(*self._mirrors, return_exceptions=True)
         for state in self.backends.values():
             state.close()
+        if self.flows is not None:
+            self.flows.close()

@@ -3,14 +3,17 @@ real `mitmdump -nr`."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from mitmproxy import io
+from mitmproxy import http, io
+from mitmproxy.io import tnetstring
 
-from lab.waypoint.flows import METADATA_KEY, FlowFile, format_flow_line, make_flow, read_flows
+from lab.waypoint.flows import (METADATA_KEY, FlowFile, flow_state, format_flow_line, make_flow, read_flows,
+                                tnetstring_dumps)
 from tests.unit.test_waypoint_telemetry import T0, record
 
 PAGE = b"<html><head><title>Simple Bookstore App</title></head>" + b"x" * 2000
@@ -78,3 +81,34 @@ def test_mitmdump_reads_the_file(tmp_path: Path) -> None:
     expected = "\n".join(format_flow_line(f) for f in read_flows(path))
     assert out.stdout.strip("\n") == expected
     assert not (tmp_path / ".mitmproxy").exists()
+
+
+def test_flow_state_is_mitmproxys_own_state_and_bytes() -> None:
+    """The fast writer's state is exactly what mitmproxy's HTTPFlow.get_state() gives for the same
+    flow, and its tnetstrings are byte for byte mitmproxy's."""
+    rec = record(method="GET", path="/reset-mid", status=200, authority="flaky",
+                 downstream_local="10.96.0.20:80", upstream_host="10.244.2.6:8080", route_name="default")
+    for kw in ({}, {"error": "stream reset: upstream_reset_after_response_started{connection_termination}"},
+               {"request_headers": [("host", "flaky"), ("x-é", "latin-1 \xe9")], "request_body": b"\x00\xff"}):
+        state = flow_state(rec, response_headers=[("content-length", "1000")], response_body=b"x" * 100,
+                           extra={"waypoint": "default/waypoint"}, **kw)
+        flow = http.HTTPFlow.from_state(copy.deepcopy(state))
+        assert flow.get_state() == state
+        assert tnetstring_dumps(state) == tnetstring.dumps(state) == tnetstring.dumps(flow.get_state())
+        assert (flow.error.msg if flow.error else "") == kw.get("error", "")
+    for value in (None, True, False, 0, -7, 2**70, 1.5, 1e-9, b"", "", "é", [], (), {}, [1, [b"a", {"k": None}]],
+                  {"a": 1, "b": {"c": (1.0, "x")}, "d": [True]}):
+        assert tnetstring_dumps(value) == tnetstring.dumps(value), value
+
+
+def test_flow_file_keeps_one_descriptor_and_whole_flows(tmp_path: Path) -> None:
+    path = tmp_path / "waypoint.flows"
+    f = FlowFile(path)
+    ok, denied = sample_flows()
+    f.append(ok.get_state())
+    f.append(denied)
+    assert [x.id for x in read_flows(path)] == [ok.id, denied.id]
+    f.close()
+    f.append(ok)  # reopens on demand
+    assert len(read_flows(path)) == 3
+    f.close()

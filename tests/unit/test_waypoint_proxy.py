@@ -29,7 +29,7 @@ from lab.hbone.headers import Baggage, create_hbone_request, parse_forwarded, pa
 from lab.identity import Identity
 from lab.waypoint.admin import admin_response, config_dump
 from lab.waypoint.config import build_waypoint_config
-from lab.waypoint.flows import FlowFile, read_flows
+from lab.waypoint.flows import FlowFile, format_flow_line, read_flows
 from lab.waypoint.proxy import (HboneUpstream, HttpError, HttpReader, TunnelPeer, WaypointProxy, matching_san,
                                 read_request, upstream_san_prefix)
 from lab.waypoint.telemetry import Metrics
@@ -463,6 +463,8 @@ async def test_canary_split_on_kept_alive_tunnels(rig: Rig):
     assert len(flows) == 200 and flows[0].request.path == "/" and flows[0].response.status_code == 200
     assert flows[0].metadata["ambient-lab"]["flow_id"] == FLOW
     assert flows[0].client_conn.peername == (CLIENT_ADDR[0], 51234)
+    # the backend's reason phrase, as sent ("X"), without the line's CRLF: mitmdump prints one line
+    assert flows[0].response.reason == "X" and format_flow_line(flows[0]).count("\n") == 1
     assert rig.metrics.requests_total(response_code="200", reporter="waypoint",
                                       source_workload="client") == 200
     kinds = {e["kind"] for e in rig.events}
@@ -509,6 +511,7 @@ async def test_malformed_request_gets_400_and_the_stream_closes(rig: Rig):
     resp = await read_response(stream, buf)
     assert resp.status == 400 and resp.headers["connection"] == "close"
     assert await stream.read(10) == b""  # the server ended the stream after its 400
+    assert '"- - HTTP/1.1" 400 DPE http1.codec_error' in rig.logs[-1]  # Envoy's downstream protocol error
     other = await rig.tunnel()  # the HBONE connection and other tunnels are fine
     assert (await get(other, "/v1")).status == 200
 
@@ -518,6 +521,7 @@ async def test_oversized_header_block_gets_431(rig: Rig):
     resp = await get(stream, "/v1", headers="x-big: " + "a" * (70 * 1024) + "\r\n")
     assert resp.status == 431
     assert await stream.read(10) == b""
+    assert " 431 DPE http1.headers_too_large " in rig.logs[-1]
 
 
 async def test_chunked_request_and_response_and_no_route(rig: Rig):
@@ -569,6 +573,7 @@ async def test_request_timeout_gives_504_ut(rig: Rig):
     elapsed = asyncio.get_running_loop().time() - t0
     assert resp.status == 504 and resp.body == b"upstream request timeout" and elapsed < 1.5
     assert " 504 UT response_timeout " in rig.logs[-1]
+    assert f'"{V1_IP}:8080"' in rig.logs[-1] and 'upstream.pod="svc-v1-0"' in rig.logs[-1]  # the pod it waited for
     assert (await get(stream, "/v1")).status == 200  # the client's tunnel is fine
     assert rig.proxy.backends[("default", "svc-v1", 80)].breaker.in_flight == 0  # nothing leaked
 
