@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .state import run_dir
@@ -35,7 +35,9 @@ class Event:
     ts: float = field(default_factory=time.time)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+        d = {"kind": self.kind, "msg": self.msg, "component": self.component, "node": self.node, "pod": self.pod,
+             "flow": self.flow, "fields": self.fields, "ts": self.ts}  # flat: asdict() deep-copies, on a hot path
+        return json.dumps(d, separators=(",", ":"), default=str)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Event":

@@ -358,7 +358,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 async def run(lab: str, listen: str, ca_dir: str, tokens_file: str, workload_cert_ttl: int,
-              trust_domain: str = DEFAULT_TRUST_DOMAIN) -> int:
+              trust_domain: str = DEFAULT_TRUST_DOMAIN, clock_skew_grace: int | None = None) -> int:
     """The istiod process: CA, TLS server, cluster watch, until SIGTERM/SIGINT."""
     import signal
 
@@ -366,8 +366,9 @@ async def run(lab: str, listen: str, ca_dir: str, tokens_file: str, workload_cer
 
     host, port = parse_listen(listen)
     emitter = EventEmitter(lab, "istiod")
+    extra = {} if clock_skew_grace is None else {"clock_skew_grace": timedelta(seconds=clock_skew_grace)}
     ca = CertificateAuthority.load_or_create(ca_dir, trust_domain,
-                                             default_ttl=timedelta(seconds=workload_cert_ttl))
+                                             default_ttl=timedelta(seconds=workload_cert_ttl), **extra)
     root_path = write_root_cert(ca, ca_dir)
     cert = issue_istiod_certificate(ca)
     tokens = TokenFile(tokens_file)
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload-cert-ttl", type=int, default=24 * 3600,
                     help="default workload certificate TTL in seconds (DEFAULT_WORKLOAD_CERT_TTL, %(default)s)")
     ap.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    ap.add_argument("--clock-skew-grace", type=int, default=None, metavar="SECONDS",
+                    help="how far back certificates' not-before is set (istiod: 2 minutes); 0 for short-TTL demos")
     ap.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                     help="debug also prints every ACK (default %(default)s)")
     args = ap.parse_args(argv)
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     try:
         return asyncio.run(run(args.lab, args.listen, args.ca_dir, args.tokens, args.workload_cert_ttl,
-                               args.trust_domain))
+                               args.trust_domain, args.clock_skew_grace))
     except (OSError, ValueError) as exc:
         istiod_log("error", "bootstrap", f"istiod failed to start: {exc}")
         return 1

@@ -111,7 +111,8 @@ class Components:
         if what == "istiod":
             return py + ["lab.istiod", "--lab", self.lab, "--listen", f"{node.ip}:{XDS_PORT}", "--ca-dir",
                          istiod_dir(self.lab), "--tokens", os.path.join(istiod_dir(self.lab), "tokens.json")] + (
-                ["--workload-cert-ttl", str(self.cert_ttl)] if self.cert_ttl else [])
+                # a short TTL is a rotation demo: no back-dating, or half-life would already be past
+                ["--workload-cert-ttl", str(self.cert_ttl), "--clock-skew-grace", "0"] if self.cert_ttl else [])
         raise LabError(f"unknown component {what!r}", f"one of: {', '.join(COMPONENTS)}")
 
     def waypoint_command(self, pod, node: Node) -> list[str]:

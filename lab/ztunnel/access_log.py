@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from lab.ztunnel.socket import Addr, format_addr
 
@@ -29,20 +29,20 @@ class ConnectionResult:
     """The facts of one proxied connection, as ztunnel reports them at its end."""
 
     direction: str  # "outbound" (reporter = source) | "inbound" (reporter = destination)
-    src_addr: Optional[Addr] = None
-    dst_addr: Optional[Addr] = None
-    src_workload: Optional[str] = None
-    src_namespace: Optional[str] = None
-    src_identity: Optional[str] = None
-    dst_hbone_addr: Optional[Addr] = None
-    dst_service: Optional[str] = None
-    dst_workload: Optional[str] = None
-    dst_namespace: Optional[str] = None
-    dst_identity: Optional[str] = None
-    bytes_sent: Optional[int] = None
-    bytes_recv: Optional[int] = None
-    duration_ms: Optional[float] = None
-    error: Optional[str] = None
+    src_addr: Addr | None = None
+    dst_addr: Addr | None = None
+    src_workload: str | None = None
+    src_namespace: str | None = None
+    src_identity: str | None = None
+    dst_hbone_addr: Addr | None = None
+    dst_service: str | None = None
+    dst_workload: str | None = None
+    dst_namespace: str | None = None
+    dst_identity: str | None = None
+    bytes_sent: int | None = None
+    bytes_recv: int | None = None
+    duration_ms: float | None = None
+    error: str | None = None
 
 
 def _quoted(value: str) -> str:
@@ -102,7 +102,7 @@ def timestamp(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
 
 
-def format_line(r: ConnectionResult, *, failed: bool = False, now: Optional[float] = None) -> str:
+def format_line(r: ConnectionResult, *, failed: bool = False, now: float | None = None) -> str:
     """The whole access-log line: time, level, target ``access``, message (pure given `now`)."""
     ts = timestamp(time.time() if now is None else now)
     return f"{ts}\t{level(r, failed=failed)}\taccess\t{message(r, failed=failed)}"

@@ -31,18 +31,28 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any, Protocol
 
 from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.tls.certificate import CertificateStore, WorkloadCertificate
-from lab.tls.csr import build_csr, generate_key, private_key_pem
-from lab.xds import (CreateCertificateRequest, CreateCertificateResponse, XdsProtocolError, decode,
-                     encode)
 from lab.tls.contexts import PeerVerificationError
-from lab.ztunnel.xds.client import (ISTIOD_IDENTITY, Address, istiod_client_context, open_istiod_connection,
-                                    parse_address)
+from lab.tls.csr import build_csr, generate_key, private_key_pem
+from lab.xds import (
+    CreateCertificateRequest,
+    CreateCertificateResponse,
+    XdsProtocolError,
+    decode,
+    encode,
+)
+from lab.ztunnel.xds.client import (
+    ISTIOD_IDENTITY,
+    Address,
+    istiod_client_context,
+    open_istiod_connection,
+    parse_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +360,7 @@ class IdentityManager:
                 entry.fetching = False
             if cert is not None:
                 self._on_success(entry, cert)
-                refresh_in = (cert.refresh_at() - datetime.now(timezone.utc)).total_seconds()
+                refresh_in = (cert.refresh_at() - datetime.now(UTC)).total_seconds()
                 entry.due = loop.time() + max(self.min_refresh_delay, refresh_in)
                 entry.priority = Priority.BACKGROUND
             else:
@@ -381,7 +391,7 @@ class IdentityManager:
             return None, f"istiod refused: {e}"
         except ValueError as e:  # includes a wrong identity in the returned leaf
             return None, f"unusable response: {e}"
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, PeerVerificationError) as e:
+        except (TimeoutError, OSError, ssl.SSLError, PeerVerificationError) as e:
             return None, f"CA unreachable: {str(e) or type(e).__name__}"
 
     def _on_success(self, entry: _Entry, cert: WorkloadCertificate) -> None:

@@ -264,7 +264,7 @@ def _ports(values: list[Any], what: str) -> tuple[int, ...]:
 def _parse_match(m: Any) -> Match:
     if not isinstance(m, Mapping):
         raise InvalidAuthorization(f"a Match must be an object, got {m!r}")
-    g = lambda k: _list(m, k)  # noqa: E731
+    g = lambda k: _list(m, k)
     return Match(
         namespaces=_string_matches(g("namespaces"), "namespaces"),
         not_namespaces=_string_matches(g("not_namespaces"), "not_namespaces"),

@@ -33,6 +33,11 @@ _SOCKADDR_IN = struct.Struct("!2xH4s8x")
 
 Addr = tuple[str, int]
 
+#: Listen backlog of ztunnel's in-pod listeners (tokio's default, as real ztunnel uses). With a
+#: short queue, a burst of connects overflows it: the kernel drops the clients' final ACKs, and
+#: those clients, already "connected", wait seconds for SYN-ACK retransmits.
+LISTEN_BACKLOG = 1024
+
 
 def decode_original_dst(raw: bytes) -> Addr:
     """Decode the ``sockaddr_in`` that ``getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)`` returns (pure).
@@ -65,7 +70,7 @@ def set_transparent(sock: socket.socket) -> None:
 
 
 def listener_socket(port: int, *, mark: int, reuse_port: bool, address: str = "0.0.0.0",
-                    backlog: int = 128) -> socket.socket:
+                    backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening TCP socket for one of ztunnel's in-pod ports, in the CALLING THREAD's netns.
 
     ``SO_MARK`` as on every socket ztunnel makes in a pod; ``SO_REUSEADDR`` so that a restart
@@ -87,15 +92,24 @@ def listener_socket(port: int, *, mark: int, reuse_port: bool, address: str = "0
     return sock
 
 
+def set_nodelay(sock: socket.socket) -> None:
+    """``TCP_NODELAY``: send small writes at once. A proxy relays many small segments (an HTTP/2
+    HEADERS frame, a short reply); with Nagle's algorithm each would wait for the previous one's
+    ACK, which the peer delays by up to 40 ms."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def upstream_socket(*, mark: int, bind_source: str | None = None) -> socket.socket:
     """An unconnected TCP socket for ztunnel's upstream leg, in the CALLING THREAD's netns.
 
     With `bind_source`, the socket is made transparent and bound to that (foreign) address with
-    an ephemeral port: the inbound leg's "preserve the client's source IP".
+    an ephemeral port: the inbound leg's "preserve the client's source IP". ``TCP_NODELAY`` is set,
+    as ztunnel does on every socket it proxies with.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         set_mark(sock, mark)
+        set_nodelay(sock)
         if bind_source is not None:
             set_transparent(sock)
             sock.bind((bind_source, 0))

@@ -25,6 +25,7 @@ Resources are dicts with workload.proto field names; they are parsed into the da
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,8 +34,14 @@ from typing import Any, TypeVar
 
 from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, Resource
-from lab.ztunnel.rbac import Authorization, Connection, Decision, InvalidAuthorization, assert_rbac
-from lab.ztunnel.rbac import NO_WORKLOAD
+from lab.ztunnel.rbac import (
+    NO_WORKLOAD,
+    Authorization,
+    Connection,
+    Decision,
+    InvalidAuthorization,
+    assert_rbac,
+)
 
 #: The port every HBONE listener uses (GatewayAddress.hbone_mtls_port's default).
 HBONE_PORT = 15008
@@ -179,6 +186,7 @@ class Workload:
     status: str = "HEALTHY"
     capacity: int = 1
     waypoint: GatewayAddress | None = None
+    cluster_id: str = ""
 
     @classmethod
     def from_resource(cls, d: Any) -> Workload:
@@ -221,6 +229,7 @@ class Workload:
             status=_enum(d.get("status"), HEALTH, "status", "HEALTHY"),
             capacity=capacity,
             waypoint=GatewayAddress.parse(d.get("waypoint")),
+            cluster_id=_str(d, "cluster_id"),
         )
 
     @property
@@ -578,3 +587,56 @@ class ProxyState:
         if w is None:
             return Decision(False, NO_WORKLOAD)
         return assert_rbac(self.policies_for(w), conn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the Workload of a pod handed over by ZDS (zt:src/state.rs `wait_for_workload`)
+
+
+def find_workload_for_pod(state: ProxyState, uid: str, name: str, namespace: str) -> Workload | None:
+    """The xDS Workload of a pod ztunnel proxies: by uid (the key istiod uses), else by
+    (name, namespace), the WorkloadInfo the node agent sent over ZDS (pure)."""
+    w = state.workloads.get(uid)
+    if w is not None:
+        return w
+    for w in state.workloads.values():
+        if w.name == name and w.namespace == namespace:
+            return w
+    return None
+
+
+class StateChanges:
+    """Wakes up whoever waits for the state to change: every xDS response that changed something
+    calls `notify`."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.generation = 0
+
+    def notify(self) -> None:
+        self.generation += 1
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait for the next change; False on timeout."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+async def wait_for_workload(state: ProxyState, changes: StateChanges, uid: str, name: str, namespace: str,
+                            timeout: float = 5.0) -> Workload | None:
+    """The pod's Workload, waiting up to `timeout` seconds for istiod to send it: a pod can start
+    (and connect out) before its Workload reached this ztunnel. None if it never came."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        w = find_workload_for_pod(state, uid, name, namespace)
+        if w is not None:
+            return w
+        left = deadline - loop.time()
+        if left <= 0 or not await changes.wait(left):
+            return find_workload_for_pod(state, uid, name, namespace)

@@ -114,20 +114,36 @@ def component_pid(lab: Lab, what: str, node: str) -> int:
 def test_enrolled_traffic_goes_through_ztunnel_both_ways(mesh_lab: Lab):
     curl_pod = pod(mesh_lab, "curl-")
     details = pod(mesh_lab, "details-")
-    before = counters(mesh_lab, curl_pod, "--to-ports 15001") , counters(mesh_lab, details, "--to-ports 15006")
+    before = counters(mesh_lab, curl_pod, "--to-ports 15001")
     t0 = time.time()
     out = curl(mesh_lab, "deploy/curl", "http://details:9080/details/0", "-D-").stdout
     assert '"id": 0' in out or '"id":0' in out, out
     # the app saw the curl pod's own address: the source IP survives the inbound leg
     assert curl_pod["status"]["podIP"] in out
-    after = counters(mesh_lab, curl_pod, "--to-ports 15001"), counters(mesh_lab, details, "--to-ports 15006")
-    assert after[0] > before[0] and after[1] > before[1], (before, after)
+    assert counters(mesh_lab, curl_pod, "--to-ports 15001") > before  # outbound: nat OUTPUT REDIRECT to 15001
     evs = wait_for(lambda: [e for e in events(mesh_lab, t0) if e["kind"] == "conn.original_dst"] or None,
                    what="original destination events")
     svc_ip = next(s for s in json.loads(mesh_lab("get", "svc", "details", "-o", "json").stdout)["spec"]["clusterIPs"])
-    texts = json.dumps(evs)
-    assert f"{svc_ip}:9080" in texts  # outbound: the service VIP the app dialled
-    assert f"{details['status']['podIP']}:9080" in texts  # inbound: the pod's own address
+    assert f"{svc_ip}:9080" in json.dumps(evs)  # outbound: the service VIP the app dialled
+    # inbound between meshed pods is HBONE: it lands on 15008, which the rules never redirect
+    inbound = [e for e in events(mesh_lab, t0) if e["kind"] == "conn.captured" and e["pod"] == details["metadata"]["name"]]
+    assert inbound and inbound[-1]["fields"].get("port") == 15008, inbound
+
+
+def test_plaintext_inbound_is_redirected_to_15006(mesh_lab: Lab):
+    """A client outside the mesh (here the node itself, as a kubelet would be) reaches a meshed pod
+    in plaintext: PREROUTING REDIRECTs it to ztunnel's 15006 with the pod's own address as original destination."""
+    details = pod(mesh_lab, "details-")
+    before = counters(mesh_lab, details, "--to-ports 15006")
+    t0 = time.time()
+    node_netns = details["spec"]["nodeName"]
+    out = subprocess.run(["ip", "netns", "exec", node_netns, "curl", "-s", "--max-time", "5",
+                          f"http://{details['status']['podIP']}:9080/details/0"], capture_output=True, text=True)
+    assert '"id"' in out.stdout, out
+    assert counters(mesh_lab, details, "--to-ports 15006") > before
+    evs = wait_for(lambda: [e for e in events(mesh_lab, t0) if e["kind"] == "conn.original_dst"] or None,
+                   what="inbound original destination")
+    assert f"{details['status']['podIP']}:9080" in json.dumps(evs)
 
 
 def counters(lab: Lab, p: dict, needle: str) -> int:

@@ -225,3 +225,27 @@ asyncio.run(main())
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert "REFUSED" in out.stdout and "SIGNED" not in out.stdout, out.stdout + out.stderr
     assert here != there
+
+
+def test_certificates_rotate_at_half_life(root, tmp_path):
+    """With a 6 s TTL, ztunnel fetches a new certificate at half-life and keeps serving throughout."""
+    name = new_lab_name("o")
+    try:
+        lab = up(name, "--nodes", "1", "--cert-ttl", "6")
+        lab("label", "namespace", "default", "istio.io/dataplane-mode=ambient")
+        wait_for(lambda: all(redirection(p) == "enabled" for p in lab.pods()), what="pods enabled")
+
+        def serial_of_curl() -> str:
+            out = lab("ztunnel-config", "certificates").stdout
+            rows = [l.split() for l in out.splitlines() if l.startswith("spiffe://cluster.local/ns/default/sa/curl ")]
+            leaf = [r for r in rows if r[1] == "Leaf" and r[2] == "Available"]
+            return leaf[0][4] if leaf else ""
+
+        first = wait_for(serial_of_curl, what="curl's certificate")
+        second = wait_for(lambda: (s := serial_of_curl()) and s != first and s, timeout=12, what="a rotated certificate")
+        assert second != first
+        assert "Simple Bookstore App" in curl(lab, "deploy/curl", "http://productpage:9080/productpage").stdout
+        out = lab("trace", "-o", "json").stdout
+        assert '"ztunnel.cert.rotated"' in out or out.count('"ztunnel.cert.received"') >= 2
+    finally:
+        down(name)

@@ -412,22 +412,23 @@ def test_captured_both_ways_with_the_client_ip_preserved(env: Env):
 
     steps = wait_for(lambda: (s := story(f"{IP_A}:{local_port}", "outbound")) and "conn.closed" in s and s,
                      what="outbound events")
-    assert list(steps) == ["conn.captured", "conn.original_dst", "conn.forwarded", "conn.closed"]
+    assert list(steps) == ["conn.captured", "conn.original_dst", "conn.plan", "conn.upstream", "conn.closed"]
+    assert steps["conn.plan"]["fields"]["plan"] == "Passthrough"  # no istiod: no workload is known
     assert steps["conn.captured"]["msg"].startswith("ztunnel on altest-zt-node accepted a connection "
                                                     "redirected from pod pod-a to its port 15001")
     assert steps["conn.original_dst"]["fields"]["dst"] == f"{IP_B}:{APP_PORT}"
-    assert steps["conn.forwarded"]["fields"]["mark"] == 1337
-    assert steps["conn.forwarded"]["fields"]["upstream"] == f"{IP_B}:{APP_PORT}"
+    assert steps["conn.upstream"]["fields"]["mark"] == 1337
+    assert steps["conn.upstream"]["fields"]["upstream"] == f"{IP_B}:{APP_PORT}"
     assert steps["conn.closed"]["fields"]["bytes_sent"] == len(payload)
-    a_leg = steps["conn.forwarded"]["fields"]["src"]  # ztunnel's socket in pod a, towards b
+    a_leg = steps["conn.upstream"]["fields"]["src"]  # ztunnel's socket in pod a, towards b
     assert a_leg.startswith(f"{IP_A}:")
 
     # Pod b's ztunnel saw that socket as its client and connected to the app from its IP.
     inb = wait_for(lambda: (s := story(a_leg, "inbound")) and "conn.closed" in s and s, what="inbound events")
-    assert list(inb) == ["conn.captured", "conn.original_dst", "conn.forwarded", "conn.closed"]
+    assert list(inb) == ["conn.captured", "conn.original_dst", "conn.upstream", "conn.closed"]
     assert inb["conn.captured"]["pod"] == "pod-b"
-    assert inb["conn.forwarded"]["fields"]["src"] == f"{IP_A}:{peer_port}"  # what the app saw
-    assert inb["conn.forwarded"]["flow"] != steps["conn.forwarded"]["flow"]  # no HBONE yet to carry it
+    assert inb["conn.upstream"]["fields"]["src"] == f"{IP_A}:{peer_port}"  # what the app saw
+    assert inb["conn.upstream"]["flow"] != steps["conn.upstream"]["flow"]  # no HBONE yet to carry it
     inbound = log_fields(wait_log(env.zt, lambda l: f"src.addr={a_leg} " in l
                                   and 'direction="inbound"' in l, "inbound access log"))
     assert inbound["dst.addr"] == f"{IP_B}:{APP_PORT}" and inbound["dst.workload"] == "pod-b"
@@ -435,22 +436,22 @@ def test_captured_both_ways_with_the_client_ip_preserved(env: Env):
     assert all("connection complete" in l for l in env.zt.access_log() if "error=" not in l)
 
 
+def expect_reset(netns: str, addr: tuple[str, int], *, mark: int | None = None) -> None:
+    """ztunnel refuses with a RST (SO_LINGER 0), as Istio does; it may even beat connect()'s return."""
+    with pytest.raises(ConnectionResetError):
+        with connect(netns, addr, mark=mark) as s:
+            assert s.recv(100) == b"", "expected a reset, got data"
+            raise AssertionError("expected a reset, got a clean close")
+
+
 def test_connections_to_ztunnel_ports_are_refused_as_recursive(env: Env):
     # From pod a: its own 15001 listener sees the target port 15001 and refuses.
-    with connect(NA, (IP_B, 15001)) as s:
-        try:
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
+    expect_reset(NA, (IP_B, 15001))
     line = wait_log(env.zt, lambda l: "connection failed" in l and f"dst.addr={IP_B}:15001" in l
                     and 'direction="outbound"' in l, "outbound self-call log")
     assert 'error="attempted recursive call to ourselves"' in line and "\twarn\t" in line
     # Bypassing a's capture (mark 1337): b's PREROUTING sends it to 15006, which refuses too.
-    with connect(NA, (IP_B, 15001), mark=1337) as s:
-        try:
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
+    expect_reset(NA, (IP_B, 15001), mark=1337)
     line = wait_log(env.zt, lambda l: "connection failed" in l and f"dst.addr={IP_B}:15001" in l
                     and 'direction="inbound"' in l, "inbound self-call log")
     assert 'error="attempted recursive call to ourselves"' in line
@@ -458,11 +459,10 @@ def test_connections_to_ztunnel_ports_are_refused_as_recursive(env: Env):
     assert {e["fields"]["direction"] for e in failed} == {"outbound", "inbound"}
 
 
-def test_hbone_port_accepts_and_closes_for_now(env: Env):
-    with connect(NA, (IP_B, 15008), mark=1337) as s:  # 15008 is not redirected in b
-        assert s.recv(100) == b""
+def test_hbone_port_without_istiod_accepts_and_closes(env: Env):
+    expect_reset(NA, (IP_B, 15008), mark=1337)  # 15008 is not redirected in b
     line = wait_log(env.zt, lambda l: f"dst.addr={IP_B}:15008" in l and "HBONE" in l, "15008 log")
-    assert 'direction="inbound"' in line
+    assert 'direction="inbound"' in line and "without istiod" in line
 
 
 def test_admin_reports_workloads_and_open_connections(env: Env):

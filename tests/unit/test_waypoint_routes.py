@@ -17,7 +17,8 @@ import pytest
 from lab.manifests import load_files, load_text
 from lab.supervisor.server import Supervisor
 from lab.waypoint import routes as rt
-from lab.waypoint.config import (WaypointNotFound, attached_waypoint, build_waypoint_config)
+from lab.waypoint.config import (WaypointNotFound, attached_waypoint, build_waypoint_config,
+                                 route_status_document)
 from lab.waypoint.routes import BackendRef, Request, RetryPolicy, parse_duration, parse_route, route_request
 from tests.conftest import CONFORMANCE, require_conformance
 
@@ -583,3 +584,24 @@ def test_pick_endpoint_policies() -> None:
     counter = iter(range(100))
     rr = [rt.pick_endpoint(eps, rng, policy="ROUND_ROBIN", round_robin=lambda: next(counter)).address for _ in range(4)]
     assert rr == ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"]
+
+
+def test_route_status_document_is_gateway_apis_route_status() -> None:
+    snap = bookinfo_snapshot(yaml="""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}, {group: "", kind: Service, name: reviews, port: 8080}]
+  rules: [{backendRefs: [{name: reviews-v9, port: 9080}]}]
+""")
+    doc = route_status_document(build_waypoint_config(snap, "default", "waypoint").route_status["default/reviews"])
+    assert [p["parentRef"] for p in doc["parents"]] == [
+        {"group": "", "kind": "Service", "name": "reviews", "namespace": "default", "port": 8080},
+        {"group": "", "kind": "Service", "name": "reviews", "namespace": "default", "port": 9080}]
+    assert {p["controllerName"] for p in doc["parents"]} == {"istio.io/mesh-controller"}
+    by_port = {p["parentRef"]["port"]: {c["type"]: c for c in p["conditions"]} for p in doc["parents"]}
+    assert by_port[8080]["Accepted"]["reason"] == "NoMatchingParent"
+    assert by_port[9080]["Accepted"]["status"] == "True"
+    assert (by_port[9080]["ResolvedRefs"]["status"], by_port[9080]["ResolvedRefs"]["reason"]) == ("False",
+                                                                                                 "BackendNotFound")

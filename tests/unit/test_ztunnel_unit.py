@@ -16,10 +16,11 @@ from lab.ztunnel.access_log import ConnectionResult, format_line, level, message
 from lab.ztunnel.config import ILLEGAL_PORTS, Config, parse_config
 from lab.ztunnel.inpod.netns import NetnsID
 from lab.ztunnel.inpod.statemanager import decide_add, pods_to_drain
-from lab.ztunnel.main import admin_response
+from lab.ztunnel.admin import admin_response
 from lab.ztunnel.proxy import CONNECTION_DRAIN, SelfCall, io_error, listener_plan, new_trace_id
+from lab.ztunnel.proxy.decision import Passthrough
 from lab.ztunnel.proxy.inbound_passthrough import inbound_target
-from lab.ztunnel.proxy.outbound import Passthrough, build_request
+from lab.ztunnel.proxy.outbound import check_target, http_status_error, passthrough_without_mesh
 from lab.ztunnel.proxy.relay import Transferred, copy_bidirectional
 from lab.ztunnel.socket import decode_original_dst, format_addr
 
@@ -56,23 +57,30 @@ def test_illegal_ports_are_ztunnels_own():
 
 
 @pytest.mark.parametrize("port", sorted(ILLEGAL_PORTS))
-def test_build_request_refuses_a_recursive_call(port):
+def test_outbound_refuses_a_recursive_call(port):
     with pytest.raises(SelfCall, match="^attempted recursive call to ourselves$"):
-        build_request(("10.244.2.7", port))
+        check_target(("10.244.2.7", port))
 
 
 @pytest.mark.parametrize("target", [("10.244.2.7", 9080), ("10.96.0.10", 53), ("10.9.0.3", 15000),
                                     ("10.9.0.3", 15009), ("10.9.0.3", 15021), ("127.0.0.6", 80)])
-def test_build_request_passes_unknown_destinations_through_as_tcp(target):
-    req = build_request(target)
-    assert req == Passthrough(target)
-    assert req.upstream == target and req.protocol == "TCP"
+def test_without_a_control_plane_everything_passes_through_as_tcp(target):
+    assert check_target(target) == target
+    req = passthrough_without_mesh(target)
+    assert isinstance(req, Passthrough) and req.original_dst == target
+    assert req.upstream == target and req.protocol == "TCP" and "no xDS config" in req.reason
 
 
-def test_build_request_uses_the_configured_illegal_ports():
-    assert build_request(("10.0.0.1", 15001), illegal_ports=frozenset()) == Passthrough(("10.0.0.1", 15001))
+def test_http_status_errors_read_like_ztunnels():
+    assert http_status_error(401) == "http status: 401 Unauthorized"
+    assert http_status_error(503) == "http status: 503 Service Unavailable"
+    assert http_status_error(599) == "http status: 599"
+
+
+def test_outbound_uses_the_configured_illegal_ports():
+    assert check_target(("10.0.0.1", 15001), illegal_ports=frozenset()) == ("10.0.0.1", 15001)
     with pytest.raises(SelfCall):
-        build_request(("10.0.0.1", 8080), illegal_ports=frozenset({8080}))
+        check_target(("10.0.0.1", 8080), illegal_ports=frozenset({8080}))
 
 
 def test_inbound_target_is_the_original_destination_unless_it_is_ztunnel():
@@ -171,12 +179,27 @@ def test_parse_config_from_command_line_and_environment():
     cfg = parse_config(["--lab", "l", "--node", "n", "--zds-socket", "/z", "--admin-socket", "/a"],
                        {"PACKET_MARK": "0x539", "INPOD_PORT_REUSE": "false"})
     assert (cfg.admin_socket, cfg.packet_mark, cfg.port_reuse) == ("/a", 0x539, False)
+    assert not cfg.mesh and cfg.cert_ttl == 24 * 3600 and cfg.cert_dir == "/ztunnel-certs"
+
+
+def test_parse_config_control_plane_flags():
+    cfg = parse_config(["--lab", "l", "--node", "n", "--zds-socket", "/z", "--admin-socket", "/run/x/admin.sock",
+                        "--xds-address", "172.18.0.2:15012", "--token-file", "/t", "--root-cert", "/r",
+                        "--keylog", "/k", "--cert-ttl", "4"], {})
+    assert cfg.mesh and (cfg.xds_address, cfg.token_file, cfg.root_cert) == ("172.18.0.2:15012", "/t", "/r")
+    assert (cfg.keylog, cfg.cert_ttl, cfg.cert_dir) == ("/k", 4, "/run/x/ztunnel-certs")
+    cfg = parse_config(["--lab", "l", "--node", "n", "--zds-socket", "/z"], {"SECRET_TTL": "60", "SSLKEYLOGFILE": "/kl"})
+    assert (cfg.cert_ttl, cfg.keylog, cfg.cert_dir) == (60, "/kl", "")
 
 
 @pytest.mark.parametrize("argv,env", [([], {}), (["--lab", "l", "--node", "n"], {}),
                                       (["--lab", "l", "--node", "n", "--zds-socket", "/z"], {"PACKET_MARK": "x"}),
                                       (["--lab", "l", "--node", "n", "--zds-socket", "/z"],
-                                       {"INPOD_PORT_REUSE": "maybe"})])
+                                       {"INPOD_PORT_REUSE": "maybe"}),
+                                      (["--lab", "l", "--node", "n", "--zds-socket", "/z", "--xds-address", "1.2.3.4:1"], {}),
+                                      (["--lab", "l", "--node", "n", "--zds-socket", "/z", "--xds-address", "nope",
+                                        "--token-file", "/t", "--root-cert", "/r"], {}),
+                                      (["--lab", "l", "--node", "n", "--zds-socket", "/z", "--cert-ttl", "0"], {})])
 def test_parse_config_usage_errors_exit_2(argv, env, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv, env)
@@ -184,14 +207,14 @@ def test_parse_config_usage_errors_exit_2(argv, env, capsys):
 
 
 def test_admin_response():
-    state = dict(workloads=lambda: [{"uid": "u"}], connections=lambda: [{"flow": "f"}], ready=lambda: True)
-    assert admin_response({"op": "workloads"}, **state) == {"workloads": [{"uid": "u"}]}
-    assert admin_response({"op": "connections"}, **state) == {"connections": [{"flow": "f"}]}
-    assert admin_response({"op": "ready"}, **state) == {"ready": True}
-    assert "unknown op" in admin_response({"op": "config_dump"}, **state)["error"]
-    assert "error" in admin_response(["workloads"], **state)
-    assert "error" in admin_response({"op": 3}, **state)
-    json.dumps(admin_response({"op": "workloads"}, **state))
+    ops = dict(workloads=lambda: [{"uid": "u"}], connections=lambda: [{"flow": "f"}], ready=lambda: True)
+    assert admin_response({"op": "workloads"}, ops) == {"workloads": [{"uid": "u"}]}
+    assert admin_response({"op": "connections"}, ops) == {"connections": [{"flow": "f"}]}
+    assert admin_response({"op": "ready"}, ops) == {"ready": True}
+    assert "unknown op 'config_dump'" in admin_response({"op": "config_dump"}, ops)["error"]
+    assert "error" in admin_response(["workloads"], ops)
+    assert "error" in admin_response({"op": 3}, ops)
+    json.dumps(admin_response({"op": "workloads"}, ops))
 
 
 # ------------------------------------------------------------------ relay (real sockets)

@@ -17,8 +17,9 @@ while the thread is away, and it always comes back, also on an exception.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ class NetnsID:
     inode: int
 
     @classmethod
-    def of_fd(cls, fd: int) -> "NetnsID":
+    def of_fd(cls, fd: int) -> NetnsID:
         st = os.fstat(fd)
         return cls(st.st_dev, st.st_ino)
 

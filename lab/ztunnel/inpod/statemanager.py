@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 from lab.zds import WorkloadInfo
 from lab.ztunnel.config import Config
 from lab.ztunnel.inpod.netns import InpodNetns, NetnsID
-from lab.ztunnel.proxy import ConnectionManager, Emit, Proxy, ProxyInputs, InpodWorkload
+from lab.ztunnel.metrics import Metrics
+from lab.ztunnel.proxy import (
+    CONNECTION_DRAIN,
+    Emit,
+    InpodWorkload,
+    MeshInputs,
+    Proxy,
+    ProxyInputs,
+)
+from lab.ztunnel.proxy.connection_manager import ConnectionManager
 
 log = logging.getLogger("ztunnel.inpod.statemanager")
 
@@ -54,12 +64,15 @@ class WorkloadProxyManagerState:
 
     def __init__(self, cfg: Config, *, emit: Emit, cur_netns: int,
                  write_access_log: Callable[[str], None],
-                 connections: ConnectionManager | None = None) -> None:
+                 connections: ConnectionManager | None = None, metrics: Metrics | None = None,
+                 mesh: MeshInputs | None = None) -> None:
         self.cfg = cfg
         self.emit = emit
         self.cur_netns = cur_netns
         self.write_access_log = write_access_log
-        self.connections = connections or ConnectionManager()
+        self.connections = connections if connections is not None else ConnectionManager()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.mesh = mesh
         self.proxies: dict[str, Proxy] = {}
 
     # ------------------------------------------------------------------ ZDS handlers
@@ -82,7 +95,7 @@ class WorkloadProxyManagerState:
         workload = InpodWorkload(uid, info)
         proxy = Proxy(ProxyInputs(cfg=self.cfg, workload=workload, netns=InpodNetns(self.cur_netns, netns_fd),
                                   connections=self.connections, emit=self.emit,
-                                  write_access_log=self.write_access_log))
+                                  write_access_log=self.write_access_log, metrics=self.metrics, mesh=self.mesh))
         try:
             await proxy.start()
         except OSError as e:
@@ -140,7 +153,7 @@ class WorkloadProxyManagerState:
         proxy = self.proxies.pop(uid)
         w = proxy.pi.workload
         inode = proxy.pi.netns.id.inode
-        n = await proxy.drain()
+        n = await proxy.drain(CONNECTION_DRAIN)
         log.info("pod %s/%s (uid %s) drained: %s", w.namespace, w.name, uid, reason)
         self.emit("ztunnel.workload.removed",
                   f"ztunnel on {self.cfg.node} stopped proxying pod {w.name}: {reason}; it closed the pod's "

@@ -29,7 +29,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from lab.zds import (
     AddWorkload,
@@ -47,7 +48,7 @@ from lab.zds import (
     send_msg_async,
 )
 
-__all__ = ["WorkloadManager", "netns_identity", "INITIAL_BACKOFF", "MAX_BACKOFF"]
+__all__ = ["INITIAL_BACKOFF", "MAX_BACKOFF", "WorkloadManager", "netns_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ UidHandler = Callable[[str], Awaitable[None] | None]
 SnapshotHandler = Callable[[frozenset[str]], Awaitable[None] | None]
 
 
-async def _call(handler: Optional[Callable[..., Any]], *args: Any) -> None:
+async def _call(handler: Callable[..., Any] | None, *args: Any) -> None:
     if handler is None:
         return
     result = handler(*args)
@@ -87,9 +88,9 @@ class WorkloadManager:
         socket_path: str | os.PathLike[str],
         *,
         on_add: AddHandler,
-        on_del: Optional[UidHandler] = None,
-        on_keep: Optional[UidHandler] = None,
-        on_snapshot_sent: Optional[SnapshotHandler] = None,
+        on_del: UidHandler | None = None,
+        on_keep: UidHandler | None = None,
+        on_snapshot_sent: SnapshotHandler | None = None,
         initial_backoff: float = INITIAL_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
     ) -> None:
@@ -106,7 +107,7 @@ class WorkloadManager:
         self.connect_attempts: list[float] = []  # time.monotonic() of every connect attempt
         self.connections = 0  # successful connects so far
         self.snapshots = 0  # snapshots fully received so far
-        self._task: Optional[asyncio.Task[None]] = None
+        self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> asyncio.Task[None]:

@@ -1,9 +1,10 @@
 """The in-pod proxy of one workload: its three listeners, its connections, and how each
-connection is recorded (events + access log).
+connection is recorded (events, access log, metrics).
 
 Real counterparts: zt:src/proxy.rs (``Proxy``, ``ProxyInputs``, ``Error``, ``TraceParent``),
 zt:src/proxyfactory.rs (a proxy per pod, created with the pod's netns) and
-zt:src/proxy/connection_manager.rs (the open connections, drained when the pod goes away).
+zt:src/proxy/metrics.rs (``ConnectionResult``: the access log line and the metrics of a
+connection).
 
 For every meshed pod ztunnel opens, *inside the pod's network namespace*:
 
@@ -15,30 +16,55 @@ port    listener            who sends traffic there
 15008   inbound HBONE       peers' mTLS + HTTP/2 CONNECT (never redirected)
 ======  ==================  =====================================================
 
-Each accepted connection becomes a :class:`Flow`: a random 32-hex trace id (the id a W3C
-``traceparent`` would carry, so later the HBONE hop can pass it on), one event per step, and one
-access-log line at the end. The handlers themselves are in ``outbound.py``,
-``inbound_passthrough.py`` and ``inbound.py``, named as in ztunnel.
+Each proxied connection is a :class:`Flow`: a 32-hex trace id, one event per step, metrics, and
+one access-log line at the end. The source ztunnel sends its flow id as the trace id of the
+CONNECT's ``traceparent``; the destination ztunnel adopts it, so both sides' events of one
+connection share one id. The handlers are in ``outbound.py``, ``inbound_passthrough.py`` and
+``inbound.py``, named as in ztunnel; the shared parts of the data path (xDS state, certificates,
+the HBONE pool) are :class:`MeshInputs`, absent when ztunnel runs without a control plane.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
+import itertools
 import logging
 import os
+import random
 import secrets
 import socket
+import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from lab.hbone import HboneError
+from lab.identity import Identity
 from lab.zds import WorkloadInfo
 from lab.ztunnel import access_log
 from lab.ztunnel.config import Config
 from lab.ztunnel.inpod.netns import InpodNetns
+from lab.ztunnel.metrics import FLAG_NONE, UNKNOWN, ConnectionLabels, Metrics
 from lab.ztunnel.proxy.relay import Transferred
-from lab.ztunnel.socket import Addr, format_addr, listener_socket
+from lab.ztunnel.socket import (
+    LISTEN_BACKLOG,
+    Addr,
+    format_addr,
+    listener_socket,
+    set_nodelay,
+)
+from lab.ztunnel.state import ProxyState, StateChanges, Workload, wait_for_workload
+
+if TYPE_CHECKING:
+    from lab.hbone import HboneStream
+    from lab.ztunnel.identity_manager import IdentityManager
+    from lab.ztunnel.proxy.connection_manager import ConnectionManager
+    from lab.ztunnel.proxy.pool import WorkloadHbonePool
+    from lab.ztunnel.tls_workload import WorkloadTls
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -63,28 +89,51 @@ class NoOriginalDst(ProxyError):
 
 
 class HboneNotServed(ProxyError):
-    """Port 15008 accepted a connection, but this ztunnel does not terminate HBONE yet."""
+    """Port 15008 accepted a connection, but this ztunnel has no control plane (no certificates)."""
 
     def __init__(self) -> None:
-        super().__init__("HBONE (mTLS + HTTP/2 CONNECT) is not served by this ztunnel yet")
+        super().__init__("HBONE (mTLS + HTTP/2 CONNECT) is not served: this ztunnel runs without istiod "
+                         "(no --xds-address), so it has no certificates")
+
+
+class UnknownWorkload(ProxyError):
+    """The pod ztunnel proxies never appeared in xDS (zt ``Error::UnknownSource``/``UnknownDestination``)."""
+
+    def __init__(self, what: str, pod: InpodWorkload, timeout: float) -> None:
+        super().__init__(f"unknown {what}: pod {pod.namespace}/{pod.name} is not in ztunnel's workload "
+                         f"state (waited {timeout:g}s for istiod)")
 
 
 #: zt:src/proxy.rs Error::... text when a pod's proxy is drained with connections still open.
 CONNECTION_DRAIN = "connection closed due to connection drain"
+#: zt:src/proxy.rs AuthorizationPolicyRejection
+POLICY_REJECTION = "connection closed due to policy rejection: {reason}"
 
 
-def io_error(err: OSError) -> str:
+def io_error(err: BaseException) -> str:
     """An OS error the way ztunnel's log prints an io::Error: ``io error: Connection refused (os error 111)``."""
-    if isinstance(err, (asyncio.TimeoutError, TimeoutError)) or err.errno == errno.ETIMEDOUT:
+    if isinstance(err, (asyncio.TimeoutError, TimeoutError)) or getattr(err, "errno", None) == errno.ETIMEDOUT:
         return "connection timed out"
-    if err.errno is None:
+    code = getattr(err, "errno", None)
+    if code is None:
         return f"io error: {err}"
-    return f"io error: {os.strerror(err.errno)} (os error {err.errno})"
+    return f"io error: {os.strerror(code)} (os error {code})"
 
 
 def new_trace_id() -> str:
     """A random 128-bit trace id as 32 lowercase hex digits (W3C trace-context ``trace-id``)."""
     return secrets.token_hex(16)
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close a TCP connection with a RST instead of a FIN (``SO_LINGER`` 0, then close): what
+    ztunnel does to the app's connection when it cannot proxy it, so that the app sees
+    "connection reset by peer" (curl exit code 56)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -98,8 +147,8 @@ class Emit(Protocol):
 class InpodWorkload:
     """The pod a proxy serves, as the node agent named it over ZDS (uid + WorkloadInfo).
 
-    Not the xDS ``Workload`` (addresses, protocol, services): ztunnel matches the two by name,
-    namespace and service account once it has xDS."""
+    Not the xDS ``Workload`` (addresses, protocol, services): ztunnel matches the two by uid, or
+    name and namespace, once it has xDS (`MeshInputs.workload_of`)."""
 
     uid: str
     info: WorkloadInfo
@@ -119,15 +168,34 @@ class InpodWorkload:
 
 
 @dataclass
+class MeshInputs:
+    """The data path's view of the mesh, shared by every pod's proxy (zt ``ProxyInputs``: state,
+    cert manager, pool). Absent when ztunnel runs without a control plane."""
+
+    state: ProxyState
+    changes: StateChanges
+    identities: IdentityManager
+    tls: WorkloadTls
+    pool: WorkloadHbonePool
+    rng: random.Random = field(default_factory=random.Random)
+
+    async def workload_of(self, pod: InpodWorkload, timeout: float) -> Workload | None:
+        """The pod's xDS Workload, waiting up to `timeout` for it (zt ``wait_for_workload``)."""
+        return await wait_for_workload(self.state, self.changes, pod.uid, pod.name, pod.namespace, timeout)
+
+
+@dataclass
 class ProxyInputs:
-    """What every handler of one pod's proxy needs (zt ``ProxyInputs``)."""
+    """What every handler of one pod's proxy needs."""
 
     cfg: Config
     workload: InpodWorkload
     netns: InpodNetns
-    connections: "ConnectionManager"
+    connections: ConnectionManager
     emit: Emit
     write_access_log: Callable[[str], None]
+    metrics: Metrics = field(default_factory=Metrics)
+    mesh: MeshInputs | None = None
 
 
 # ------------------------------------------------------------------------------------ flows
@@ -148,31 +216,59 @@ class ConnectionInfo:
         return dict(self.__dict__)
 
 
+_keys = itertools.count(1)
+
+
+def _principal(identity: Identity | None) -> str:
+    return identity.uri if identity is not None else UNKNOWN
+
+
+def _workload_label(w: Workload | None) -> tuple[str, str]:
+    if w is None:
+        return UNKNOWN, UNKNOWN
+    return (w.workload_name or w.name), w.namespace
+
+
 class Flow:
-    """One connection through the proxy: its trace id, its steps (events) and its result.
+    """One connection through the proxy: its trace id, its steps (events), its metrics and its
+    result (the access log). The ``msg`` of every event is a sentence for a newcomer; the fields
+    carry the same facts as data. ``finish`` records the end exactly once."""
 
-    The ``msg`` of every event is a sentence for a newcomer; the fields carry the same facts as
-    data. ``finish`` writes the access-log line exactly once.
-    """
-
-    def __init__(self, pi: ProxyInputs, direction: str, port: int, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, pi: ProxyInputs, direction: str, port: int, src: Addr, local: Addr, *,
+                 sock: socket.socket | None = None, flow_id: str | None = None) -> None:
         self.pi = pi
-        self.id = new_trace_id()
+        self.id = flow_id or new_trace_id()
+        self.key = f"{self.id}/{direction}/{next(_keys)}"
         self.direction = direction
         self.port = port
-        self.sock: socket.socket = writer.get_extra_info("socket")
-        self.src: Addr = writer.get_extra_info("peername")[:2]
-        self.local: Addr = writer.get_extra_info("sockname")[:2]
+        self.sock = sock
+        self.src: Addr = src
+        self.local: Addr = local
         self.started = time.monotonic()
-        self.target: Optional[Addr] = None  # the original destination
-        self.upstream: Optional[Addr] = None  # the TCP next hop ztunnel connected to
-        self.upstream_local: Optional[Addr] = None
-        self.forwarded_at: Optional[float] = None
+        self.target: Addr | None = None  # original destination / the authority's target
+        self.upstream: Addr | None = None  # the TCP next hop ztunnel connected to
+        self.upstream_local: Addr | None = None
+        self.hbone_addr: Addr | None = None  # dst.hbone_addr: the CONNECT's target
+        self.src_workload: Workload | None = None
+        self.dst_workload: Workload | None = None
+        self.dst_service: str | None = None
+        self.src_identity: Identity | None = None
+        self.dst_identity: Identity | None = None
+        self.mtls = False
+        self.response_flags = FLAG_NONE
         self.counts = Transferred()
-        self.draining = False
+        self.stream: HboneStream | None = None
+        self.labels: ConnectionLabels | None = None  # set when opened
+        self.closing: str | None = None  # why ztunnel is closing it (drain, policy change)
         self.done = False
         self.info = ConnectionInfo(self.id, pi.workload.uid, pi.workload.key, direction,
-                                   local=format_addr(self.local), remote=format_addr(self.src), target="")
+                                   local=format_addr(local), remote=format_addr(src), target="")
+
+    @classmethod
+    def accepted(cls, pi: ProxyInputs, direction: str, port: int, writer: asyncio.StreamWriter) -> Flow:
+        """The flow of a TCP connection one of the listeners accepted."""
+        return cls(pi, direction, port, writer.get_extra_info("peername")[:2],
+                   writer.get_extra_info("sockname")[:2], sock=writer.get_extra_info("socket"))
 
     # -- helpers
     @property
@@ -184,68 +280,122 @@ class Flow:
         return self.pi.workload.name
 
     def emit(self, kind: str, msg: str, **fields: Any) -> None:
-        self.pi.emit(kind, msg, pod=self.pod, flow=self.id, namespace=self.pi.workload.namespace, **fields)
+        self.pi.emit(kind, msg, pod=self.pod, flow=self.id, namespace=self.pi.workload.namespace,
+                     direction=self.direction, **fields)
 
     def duration_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000
+
+    def transferred(self) -> tuple[int, int]:
+        """(downstream -> upstream, upstream -> downstream) bytes so far; for HBONE read live from
+        the stream, so a connection cut midway still reports what it carried."""
+        if self.stream is None:
+            return self.counts.downstream_to_upstream, self.counts.upstream_to_downstream
+        if self.direction == "outbound":  # downstream = the app, upstream = the stream
+            return self.stream.bytes_sent, self.stream.bytes_received
+        return self.stream.bytes_received, self.stream.bytes_sent  # downstream = the stream
 
     # -- the steps
     def captured(self, how: str) -> None:
         self.emit("conn.captured",
                   f"ztunnel on {self.node} accepted a connection {how} to its port {self.port}",
-                  direction=self.direction, src=format_addr(self.src), local=format_addr(self.local),
-                  port=self.port)
+                  src=format_addr(self.src), local=format_addr(self.local), port=self.port)
 
     def original_dst(self, target: Addr, how: str) -> None:
         self.target = target
         self.info.target = format_addr(target)
-        self.emit("conn.original_dst", how, dst=format_addr(target), direction=self.direction)
+        self.emit("conn.original_dst", how, dst=format_addr(target))
 
-    def forwarded(self, upstream: Addr, upstream_local: Addr, how: str, **fields: Any) -> None:
+    def connected(self, upstream: Addr, upstream_local: Addr, how: str, *, protocol: str = "TCP",
+                  **fields: Any) -> None:
+        """conn.upstream: ztunnel's leg towards the destination is up."""
         self.upstream, self.upstream_local = upstream, upstream_local
-        self.forwarded_at = time.monotonic()
+        self.info.protocol = protocol
         if self.direction == "outbound":
             self.info.local, self.info.remote = format_addr(upstream_local), format_addr(upstream)
-        self.emit("conn.forwarded", how, upstream=format_addr(upstream), src=format_addr(upstream_local),
-                  mark=self.pi.cfg.packet_mark, protocol="TCP", direction=self.direction, **fields)
+        self.emit("conn.upstream", how, upstream=format_addr(upstream), src=format_addr(upstream_local),
+                  mark=self.pi.cfg.packet_mark, protocol=protocol, **fields)
 
-    def result(self, error: Optional[str]) -> access_log.ConnectionResult:
+    def open(self) -> None:
+        """The connection is now being proxied: count it (istio_tcp_connections_opened_total)."""
+        if self.labels is None:
+            self.labels = self.metric_labels()
+            self.pi.metrics.opened(self.labels)
+
+    @property
+    def opened(self) -> bool:
+        return self.labels is not None
+
+    def metric_labels(self) -> ConnectionLabels:
+        """This connection's labels (reporter = source for outbound, destination for inbound)."""
+        src_wl, src_ns = _workload_label(self.src_workload)
+        dst_wl, dst_ns = _workload_label(self.dst_workload)
+        return ConnectionLabels(
+            reporter="source" if self.direction == "outbound" else "destination",
+            source_workload=src_wl, source_workload_namespace=src_ns,
+            source_principal=_principal(self.src_identity) if self.mtls else UNKNOWN,
+            destination_workload=dst_wl, destination_workload_namespace=dst_ns,
+            destination_principal=_principal(self.dst_identity) if self.mtls else UNKNOWN,
+            destination_service=self.dst_service or UNKNOWN,
+            connection_security_policy="mutual_tls" if self.mtls else "unknown",
+            response_flags=self.response_flags)
+
+    def result(self, error: str | None) -> access_log.ConnectionResult:
         """This flow as ztunnel's ConnectionResult (what the access log prints)."""
-        w = self.pi.workload
-        up, down = self.counts.downstream_to_upstream, self.counts.upstream_to_downstream
+        d2u, u2d = self.transferred()
+        ids = self.mtls
+        src_w, dst_w = self.src_workload, self.dst_workload
         if self.direction == "outbound":
             return access_log.ConnectionResult(
-                direction="outbound", src_addr=self.src, src_workload=w.name, src_namespace=w.namespace,
-                dst_addr=self.upstream or self.target, bytes_sent=up, bytes_recv=down,
-                duration_ms=self.duration_ms(), error=error)
+                direction="outbound", src_addr=self.src,
+                src_workload=src_w.name if src_w else self.pi.workload.name,
+                src_namespace=src_w.namespace if src_w else self.pi.workload.namespace,
+                src_identity=str(self.src_identity) if ids and self.src_identity else None,
+                dst_addr=self.upstream or self.target, dst_hbone_addr=self.hbone_addr,
+                dst_service=self.dst_service, dst_workload=dst_w.name if dst_w else None,
+                dst_namespace=dst_w.namespace if dst_w else None,
+                dst_identity=str(self.dst_identity) if ids and self.dst_identity else None,
+                bytes_sent=d2u, bytes_recv=u2d, duration_ms=self.duration_ms(), error=error)
         return access_log.ConnectionResult(
-            direction="inbound", src_addr=self.src, dst_addr=self.target or self.local,
-            dst_workload=w.name, dst_namespace=w.namespace, bytes_sent=down, bytes_recv=up,
-            duration_ms=self.duration_ms(), error=error)
+            direction="inbound", src_addr=self.src,
+            src_workload=src_w.name if src_w else None, src_namespace=src_w.namespace if src_w else None,
+            src_identity=str(self.src_identity) if ids and self.src_identity else None,
+            dst_addr=self.local if self.hbone_addr else (self.target or self.local),
+            dst_hbone_addr=self.hbone_addr, dst_service=self.dst_service,
+            dst_workload=dst_w.name if dst_w else self.pi.workload.name,
+            dst_namespace=dst_w.namespace if dst_w else self.pi.workload.namespace,
+            dst_identity=str(self.dst_identity) if ids and self.dst_identity else None,
+            bytes_sent=u2d, bytes_recv=d2u, duration_ms=self.duration_ms(), error=error)
 
-    def finish(self, error: Optional[str] = None) -> None:
-        """Write the access-log line and the closing event (once)."""
+    def finish(self, error: str | None = None) -> None:
+        """Write the access-log line, count the close, emit the closing event (once)."""
         if self.done:
             return
         self.done = True
-        early = self.forwarded_at is None
         r = self.result(error)
-        self.pi.write_access_log(access_log.format_line(r, failed=error is not None and early))
+        early = error is not None and not self.opened
+        self.pi.write_access_log(access_log.format_line(r, failed=early))
+        request, response = self.transferred()
+        if self.labels is not None:
+            labels = dataclasses.replace(self.labels, response_flags=self.response_flags)
+            self.pi.metrics.closed(labels, request_bytes=request, response_bytes=response, failed=error is not None)
+        else:
+            self.pi.metrics.failed_early(self.metric_labels())
         dst = format_addr(r.dst_addr)
         ms = round(r.duration_ms or 0)
+        side = "of the source pod" if self.direction == "outbound" else "of the destination pod"
         if error is None:
             self.emit("conn.closed",
                       f"the connection from {format_addr(self.src)} to {dst} closed after {ms} ms: "
-                      f"{r.bytes_sent} bytes sent and {r.bytes_recv} received, as seen by ztunnel "
-                      f"{'of the source pod' if self.direction == 'outbound' else 'of the destination pod'}",
-                      direction=self.direction, src=format_addr(self.src), dst=dst, bytes_sent=r.bytes_sent,
-                      bytes_recv=r.bytes_recv, duration_ms=ms)
+                      f"{r.bytes_sent} bytes sent and {r.bytes_recv} received, as seen by ztunnel on {self.node} "
+                      f"({side})", src=format_addr(self.src), dst=dst, bytes_sent=r.bytes_sent,
+                      bytes_recv=r.bytes_recv, duration_ms=ms, protocol=self.info.protocol)
         else:
             self.emit("conn.failed",
                       f"ztunnel on {self.node} ended the connection from {format_addr(self.src)} to "
                       f"{dst or 'an unknown destination'}: {error}",
-                      direction=self.direction, src=format_addr(self.src), dst=dst, error=error,
-                      bytes_sent=r.bytes_sent, bytes_recv=r.bytes_recv, duration_ms=ms)
+                      src=format_addr(self.src), dst=dst, error=error, bytes_sent=r.bytes_sent,
+                      bytes_recv=r.bytes_recv, duration_ms=ms, response_flags=self.response_flags)
 
 
 Handler = Callable[[Flow, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -253,65 +403,40 @@ Handler = Callable[[Flow, asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 
 async def serve_connection(pi: ProxyInputs, direction: str, port: int, handler: Handler,
                            reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Run one accepted connection through `handler`, tracked for the admin and for drains.
+    """Run one accepted connection through `handler`, tracked for the admin, drains and policy
+    re-checks.
 
-    Errors end the connection and are logged with ``error=``; a drain (the pod left the mesh,
-    or ztunnel stops) cancels the handler and is logged as "connection closed due to connection
-    drain".
+    Success closes the app's connection gracefully. Any error resets it (RST) and is logged with
+    ``error=``; a drain (the pod left the mesh, ztunnel stops) or a policy change cancels the
+    handler and is logged with its reason.
     """
-    flow = Flow(pi, direction, port, writer)
+    flow = Flow.accepted(pi, direction, port, writer)
     task = asyncio.current_task()
     assert task is not None
     pi.connections.register(flow, task)
+    ok = False
     try:
         await handler(flow, reader, writer)
         flow.finish()
+        ok = True
     except asyncio.CancelledError:
-        if not flow.draining:
+        if not flow.closing:
             raise
         task.uncancel()
-        flow.finish(CONNECTION_DRAIN)
-    except ProxyError as e:
+        flow.finish(flow.closing)
+    except (ProxyError, HboneError) as e:
         flow.finish(str(e))
-    except (OSError, asyncio.TimeoutError, TimeoutError) as e:
+    except (OSError, TimeoutError) as e:
         flow.finish(io_error(e))
     except Exception as e:  # a bug: log it loudly, still close the connection
         log.exception("connection %s failed", flow.id)
         flow.finish(f"internal error: {e!r}")
     finally:
         pi.connections.release(flow)
-        if flow.draining:
-            writer.transport.abort()  # drained: no graceful FIN, as the proxy is going away
-        else:
+        if ok:
             writer.close()
-
-
-class ConnectionManager:
-    """Every open connection of this ztunnel, by flow id (zt ``ConnectionManager``)."""
-
-    def __init__(self) -> None:
-        self._open: dict[str, tuple[Flow, asyncio.Task[Any]]] = {}
-
-    def register(self, flow: Flow, task: asyncio.Task[Any]) -> None:
-        self._open[flow.id] = (flow, task)
-
-    def release(self, flow: Flow) -> None:
-        self._open.pop(flow.id, None)
-
-    def connections(self, uid: Optional[str] = None) -> list[ConnectionInfo]:
-        return [f.info for f, _ in self._open.values() if uid is None or f.info.uid == uid]
-
-    async def drain(self, uid: str, timeout: float = 1.0) -> int:
-        """Close every open connection of pod `uid`; return how many there were."""
-        tasks = []
-        for flow, task in list(self._open.values()):
-            if flow.info.uid == uid:
-                flow.draining = True
-                task.cancel()
-                tasks.append(task)
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
-        return len(tasks)
+        else:
+            reset(writer)
 
 
 # ------------------------------------------------------------------------------------ the proxy
@@ -322,7 +447,28 @@ class Listener:
     port: int
     what: str  # "outbound" | "inbound plaintext" | "inbound HBONE"
     address: str
-    server: Optional[asyncio.AbstractServer] = field(default=None, repr=False)
+    server: asyncio.AbstractServer | None = field(default=None, repr=False)
+    accept_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    sock: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def open(self) -> bool:
+        return self.server is not None or self.accept_task is not None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.accept_task is not None:
+            if self.sock is not None and self.sock.fileno() >= 0:
+                # Unregister the pending accept before closing, so that the cancelled accept cannot
+                # unregister a new socket that happens to reuse this fd number.
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.accept_task.cancel()
+            self.accept_task = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"port": self.port, "what": self.what, "address": self.address}
@@ -332,6 +478,30 @@ def listener_plan(cfg: Config) -> list[tuple[int, str]]:
     """The in-pod listeners ztunnel opens for every pod, in order (pure)."""
     return [(cfg.outbound_port, "outbound"), (cfg.inbound_plaintext_port, "inbound plaintext"),
             (cfg.inbound_port, "inbound HBONE")]
+
+
+#: StreamReader buffer of the app-facing connections (asyncio's 64 KiB default slows relaying).
+READER_LIMIT = 1024 * 1024
+#: Bytes taken from one side per step of the HBONE copy: large steps mean fewer, larger HTTP/2
+#: DATA frames (up to the 1 MiB frame size) and fewer trips through the event loop.
+COPY_CHUNK = 1024 * 1024
+
+
+async def _accept_loop(sock: socket.socket, on_accept: Callable[[socket.socket], Awaitable[None]]) -> None:
+    """Accept raw sockets (for 15008, where TLS starts only once the pod's certificate is known)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            conn.setblocking(False)
+            set_nodelay(conn)
+            task = asyncio.create_task(on_accept(conn))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class Proxy:
@@ -350,13 +520,13 @@ class Proxy:
         """
         from lab.ztunnel.proxy import inbound, inbound_passthrough, outbound
 
-        handlers: dict[int, tuple[str, Handler]] = {
-            self.pi.cfg.outbound_port: ("outbound", outbound.handle),
-            self.pi.cfg.inbound_plaintext_port: ("inbound", inbound_passthrough.handle),
-            self.pi.cfg.inbound_port: ("inbound", inbound.handle),
-        }
-        plan = listener_plan(self.pi.cfg)
         cfg = self.pi.cfg
+        handlers: dict[int, tuple[str, Handler]] = {
+            cfg.outbound_port: ("outbound", outbound.handle),
+            cfg.inbound_plaintext_port: ("inbound", inbound_passthrough.handle),
+            cfg.inbound_port: ("inbound", inbound.handle),
+        }
+        plan = listener_plan(cfg)
 
         def create_all() -> list[socket.socket]:
             made: list[socket.socket] = []
@@ -372,14 +542,22 @@ class Proxy:
         socks = self.pi.netns.run(create_all)
         try:
             for (port, what), sock in zip(plan, socks):
-                direction, handler = handlers[port]
+                address = format_addr(sock.getsockname()[:2])
+                if port == cfg.inbound_port and self.pi.mesh is not None:
+                    # HBONE: accept raw, TLS with the pod's own certificate (inbound.serve_tunnel)
+                    task = asyncio.create_task(_accept_loop(sock, lambda s: inbound.serve_tunnel(self.pi, s)),
+                                               name=f"hbone-accept {self.pi.workload.key}")
+                    listener = Listener(port, what, address, accept_task=task, sock=sock)
+                else:
+                    direction, handler = handlers[port]
 
-                def on_accept(r: asyncio.StreamReader, w: asyncio.StreamWriter, *,
-                              _d: str = direction, _p: int = port, _h: Handler = handler) -> Awaitable[None]:
-                    return serve_connection(self.pi, _d, _p, _h, r, w)
+                    def on_accept(r: asyncio.StreamReader, w: asyncio.StreamWriter, *,
+                                  _d: str = direction, _p: int = port, _h: Handler = handler) -> Awaitable[None]:
+                        return serve_connection(self.pi, _d, _p, _h, r, w)
 
-                server = await asyncio.start_server(on_accept, sock=sock, limit=256 * 1024)
-                listener = Listener(port, what, format_addr(sock.getsockname()[:2]), server)
+                    server = await asyncio.start_server(on_accept, sock=sock, limit=READER_LIMIT,
+                                                        backlog=LISTEN_BACKLOG)
+                    listener = Listener(port, what, address, server)
                 self.listeners.append(listener)
                 w = self.pi.workload
                 self.pi.emit("ztunnel.listener.created",
@@ -396,14 +574,14 @@ class Proxy:
     def close_listeners(self) -> None:
         """Stop accepting: the listening sockets are closed at once (gone from ``ss -tln``)."""
         for listener in self.listeners:
-            if listener.server is not None:
-                listener.server.close()
-                listener.server = None
+            listener.close()
 
-    async def drain(self) -> int:
-        """Close the listeners, then every open connection; release the pod's netns."""
+    async def drain(self, reason: str = CONNECTION_DRAIN) -> int:
+        """Close the listeners, every open connection and tunnel; release the pod's netns."""
         self.close_listeners()
-        n = await self.pi.connections.drain(self.pi.workload.uid)
+        n = await self.pi.connections.drain(self.pi.workload.uid, reason)
+        if self.pi.mesh is not None:
+            await self.pi.mesh.pool.close_from(self.pi.netns)
         self.pi.netns.close()
         return n
 
@@ -412,5 +590,14 @@ class Proxy:
         return {"uid": w.uid, "name": w.name, "namespace": w.namespace,
                 "service_account": w.info.service_account,
                 "netns_inode": self.pi.netns.id.inode, "netns_dev": self.pi.netns.id.dev,
-                "listeners": [l.to_dict() for l in self.listeners if l.server is not None],
+                "listeners": [l.to_dict() for l in self.listeners if l.open],
                 "started": self.started_at}
+
+
+def __getattr__(name: str) -> Any:
+    """``ConnectionManager`` moved to proxy/connection_manager.py (as in ztunnel); still importable here."""
+    if name == "ConnectionManager":
+        from lab.ztunnel.proxy.connection_manager import ConnectionManager
+
+        return ConnectionManager
+    raise AttributeError(name)

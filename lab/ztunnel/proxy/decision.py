@@ -30,15 +30,16 @@ from typing import Any, ClassVar
 
 from lab.hbone.headers import format_authority
 from lab.identity import Identity
+from lab.ztunnel.socket import format_addr
 from lab.ztunnel.state import HBONE_PORT, GatewayAddress, ProxyState, Service, Workload
 
 Addr = tuple[str, int]
 
 
 def _addr(a: Addr | None) -> str:
-    if a is None:
-        return ""
-    return format_authority(a[0], a[1])
+    """`ip:port` for sentences and event fields (the addresses come from the kernel or xDS,
+    already valid: no re-parsing on the data path)."""
+    return format_addr(a)
 
 
 @dataclass(frozen=True, kw_only=True)

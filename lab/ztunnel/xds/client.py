@@ -33,8 +33,15 @@ from typing import Any
 
 from lab.identity import Identity
 from lab.tls.contexts import PeerVerificationError, verify_server_identity
-from lab.xds import (MAX_LINE, TYPE_URLS, DeltaDiscoveryRequest, DeltaDiscoveryResponse, XdsProtocolError,
-                     decode, encode)
+from lab.xds import (
+    MAX_LINE,
+    TYPE_URLS,
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    XdsProtocolError,
+    decode,
+    encode,
+)
 from lab.ztunnel.state import ApplyResult, ProxyState
 
 log = logging.getLogger(__name__)
@@ -172,8 +179,7 @@ class XdsClient:
             try:
                 got_response = await self._session()
                 error = "istiod closed the stream"
-            except (OSError, asyncio.TimeoutError, ssl.SSLError, PeerVerificationError, XdsStreamError,
-                    XdsProtocolError) as e:
+            except (TimeoutError, OSError, ssl.SSLError, PeerVerificationError, XdsStreamError, XdsProtocolError) as e:
                 error = str(e) or type(e).__name__
             finally:
                 self._close_writer()
