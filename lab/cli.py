@@ -383,7 +383,7 @@ def cmd_ztunnel_config(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    """Every ztunnel's Prometheus text, each series labelled with the node that reported it."""
+    """Prometheus text from every ztunnel (istio_tcp_*) and every waypoint (istio_requests_total, ...)."""
     rc = 0
     for node, reply in ztunnel_admin(args, "metrics"):
         if not isinstance(reply, dict) or reply.get("error"):
@@ -392,6 +392,19 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             continue
         print(f"# ztunnel on {node}")
         print(reply.get("metrics", "").rstrip("\n"))
+    if args.node:
+        return rc
+    from .waypoint.admin import admin_request
+
+    for w in request(args, "waypoints", all_namespaces=True)["waypoints"]:
+        try:
+            text = admin_request(os.path.join(w["dir"], "admin.sock"), "metrics")
+        except (OSError, ValueError) as e:
+            print(f"# error: waypoint {w['namespace']}/{w['name']} does not answer ({e})", file=sys.stderr)
+            rc = 1
+            continue
+        print(f"# waypoint {w['namespace']}/{w['name']}")
+        print(str(text).rstrip("\n"))
     return rc
 
 
@@ -739,7 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["json"])
     p.set_defaults(func=cmd_ztunnel_config)
 
-    p = sub.add_parser("metrics", parents=[common], help="ztunnel's Prometheus metrics (istio_tcp_*)")
+    p = sub.add_parser("metrics", parents=[common],
+                       help="Prometheus metrics: ztunnels (istio_tcp_*) and waypoints (istio_requests_total)")
     p.add_argument("--node", help="one node's ztunnel only")
     p.set_defaults(func=cmd_metrics)
 

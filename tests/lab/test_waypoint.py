@@ -88,6 +88,15 @@ def test_step6_canary_90_10(tutorial: Lab):
     assert 87 <= share_v1 <= 93 and counts["reviews-v1-"] + counts["reviews-v2-"] == 1000, counts
 
 
+def test_waypoint_metrics(tutorial: Lab):
+    assert curl(tutorial, "deploy/curl", "http://productpage:9080/productpage").returncode == 0
+    out = tutorial("metrics").stdout
+    assert "# waypoint default/waypoint" in out
+    assert re.search(r'istio_requests_total\{[^}]*reporter="waypoint"[^}]*destination_service="productpage', out) or \
+        re.search(r'istio_requests_total\{[^}]*destination_service="productpage[^}]*reporter="waypoint"', out), out[-800:]
+    assert "istio_request_duration_milliseconds_bucket" in out
+
+
 def test_flows_are_in_mitmproxys_format(tutorial: Lab, tmp_path):
     out = tutorial("flows").stdout
     assert re.search(r"GET http://[\d.]+:9080/productpage", out), out[-500:]
