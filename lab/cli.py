@@ -550,6 +550,85 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 0
 
 
+STEP_USAGE = """\
+ambient-lab step on             new connections wait before each step (every ztunnel and waypoint)
+ambient-lab step held           what waits, where, and what will happen next
+ambient-lab step next [FLOW]    one step: of FLOW (an id or its first characters), or of every held flow
+ambient-lab step flow FLOW      FLOW runs to its end (through every proxy it still meets)
+ambient-lab step all            every held flow runs to its end
+ambient-lab step off            step mode ends: everything held goes on"""
+
+
+def _wait_for_new_holds(args: argparse.Namespace, after: float, flows: set[str], timeout: float = 1.0) -> dict:
+    """After a release: wait (briefly) until one of the released flows waits again, then the held list."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = request(args, "step_held")
+        if not flows or any(h["flow"] in flows and h.get("since", 0) >= after for h in reply["held"]) \
+                or time.monotonic() >= deadline:
+            return reply
+        time.sleep(0.05)
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    """Step mode, the mesh debugger: hold new connections in the proxies before each step."""
+    import json
+
+    from .supervisor.stepping import render_held
+
+    lab = lab_name(args)
+    action = args.action
+    if action in ("on", "off"):
+        reply = request(args, "step_mode", on=action == "on", **({"timeout": args.timeout} if args.timeout else {}))
+        down = [p for p in reply["proxies"] if not p["ok"]]
+        up_ = [p["name"] for p in reply["proxies"] if p["ok"]]
+        ztunnels = sum(n.startswith("ztunnel") for n in up_)
+        waypoints = len(up_) - ztunnels
+        if action == "on":
+            print(f"step mode on: {ztunnels} ztunnel(s) and {waypoints} waypoint(s) hold every NEW connection "
+                  f"before each step (connections already open carry on).")
+            print("  see what waits:   ambient-lab step held")
+            print("  advance:          ambient-lab step next [FLOW] | step flow FLOW | step all")
+            print("  end:              ambient-lab step off (releases everything)")
+        else:
+            print(f"step mode off: {len(reply['released'])} held step(s) released; connections run freely.")
+        for p in down:
+            print(f"warning: {p['error']}", file=sys.stderr)
+        return 0
+    if action == "held":
+        reply = request(args, "step_held")
+        if args.output == "json":
+            print(json.dumps(reply["held"], indent=1))
+            return 0
+        print(f"step mode is {'on' if reply['on'] else 'off'}")
+        print(render_held(reply["held"], lab))
+        return 0
+    if action == "flow" and not args.flow:
+        raise LabError("which flow? ambient-lab step flow FLOW", "see the held flows: ambient-lab step held")
+    flow = "*" if action == "all" else (args.flow or "*")
+    scope = "step" if action == "next" else "flow"
+    t0 = time.time()
+    reply = request(args, "step_release", flow=flow, scope=scope)
+    released = reply["released"]
+    if scope == "step":
+        after = _wait_for_new_holds(args, t0, {r["flow"] for r in released})
+    else:
+        after = request(args, "step_held")
+    if args.output == "json":
+        print(json.dumps({"released": released, "held": after["held"]}, indent=1))
+        return 0
+    if not released:
+        print("nothing was held" + (f" for flow {flow[:12]}" if flow != "*" else "")
+              + (": it will run to its end wherever it goes next" if scope == "flow" and flow != "*" else ""))
+    for r in released:
+        where = str(r.get("where", "")).replace(f"@{lab}-", "@")
+        print(f"released {r['flow'][:12]} at {where}: {r['step']}"
+              + (" (and every later step)" if scope == "flow" else ""))
+    print()
+    print(render_held(after["held"], lab))
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from .events import Event
     from .supervisor.client import request as sup_request
@@ -727,6 +806,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pod", help="only events about pods whose name starts with this")
     p.add_argument("-o", "--output", choices=["json"], help="one JSON object per line")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("step", parents=[common], help="step mode: hold new connections before each step (a debugger)",
+                       description="Step mode, the mesh debugger: the proxies (every ztunnel and waypoint) hold each "
+                                   "NEW connection before each of its steps until you release it.",
+                       epilog=STEP_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["on", "off", "held", "next", "flow", "all"])
+    p.add_argument("flow", nargs="?", metavar="FLOW", help="a flow id, or its first characters (next, flow)")
+    p.add_argument("--timeout", type=float, help="with on: release any step held longer than this (default 600 s)")
+    p.add_argument("-o", "--output", choices=["json"])
+    p.set_defaults(func=cmd_step)
 
     p = sub.add_parser("iptables", parents=[common, ns], help="a pod's iptables rules from the kernel, with counters")
     p.add_argument("pod", metavar="POD|deploy/NAME")

@@ -17,14 +17,15 @@ from lab.hbone.client import (HboneConnection, HboneConnectionFull, HboneConnect
                               open_hbone_connection)
 from lab.hbone.headers import (Baggage, HboneRequest, create_hbone_request, format_authority,
                                parse_authority, parse_traceparent)
-from lab.hbone.server import ConnectRequest, HboneServerConnection, serve_hbone, validate_connect_request
+from lab.hbone.server import (ConnectRequest, HboneServerConnection, RejectedStream, serve_hbone,
+                              validate_connect_request)
 from lab.hbone.stream import (HboneConnectionLost, HboneError, HboneStream, HboneStreamReset,
                               copy_bidirectional)
 
 __all__ = [
     "Baggage", "ConnectRequest", "HboneConnection", "HboneConnectionFull", "HboneConnectionLost",
     "HboneConnectionPool", "HboneError", "HboneHttpError", "HboneRequest", "HboneServerConnection",
-    "HboneStream", "HboneStreamReset", "copy_bidirectional", "create_hbone_request", "format_authority",
-    "open_hbone_connection", "parse_authority", "parse_traceparent", "serve_hbone",
+    "HboneStream", "HboneStreamReset", "RejectedStream", "copy_bidirectional", "create_hbone_request",
+    "format_authority", "open_hbone_connection", "parse_authority", "parse_traceparent", "serve_hbone",
     "validate_connect_request",
 ]

@@ -166,11 +166,15 @@ async def open_hbone_connection(host: str, port: int, ssl_context: ssl.SSLContex
                                 local_addr: tuple[str, int] | None = None,
                                 sock: object | None = None,
                                 max_streams: int = MAX_CONCURRENT_STREAMS,
-                                timeout: float = CONNECT_TIMEOUT) -> HboneConnection:
+                                timeout: float = CONNECT_TIMEOUT,
+                                verify: Callable[[ssl.SSLObject], object] | None = None) -> HboneConnection:
     """TCP (+ TLS with ALPN h2, no SNI) to an HBONE port, then the HTTP/2 client.
 
     `sock` is a connected or unconnected socket made elsewhere, e.g. inside a pod's netns.
-    The caller checks the server identity afterwards (see lab.tls.contexts).
+    `verify(ssl_object)` checks the server's identity (see lab.tls.contexts) right after the
+    handshake, BEFORE any HTTP/2 byte is sent: rustls runs ztunnel's identity verifier inside
+    the handshake, so a peer with the wrong identity never even sees the connection preface.
+    If it raises, the connection is aborted and the exception propagates.
     """
     kwargs: dict[str, object] = {"limit": READER_LIMIT}
     if ssl_context is not None:
@@ -189,6 +193,12 @@ async def open_hbone_connection(host: str, port: int, ssl_context: ssl.SSLContex
     if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
         writer.close()
         raise HboneError(f"peer did not negotiate ALPN h2 (got {ssl_object.selected_alpn_protocol()!r})")
+    if verify is not None and ssl_object is not None:
+        try:
+            verify(ssl_object)
+        except BaseException:
+            writer.transport.abort()
+            raise
     return HboneConnection(reader, writer, max_streams=max_streams)
 
 
@@ -222,12 +232,29 @@ class HboneConnectionPool(Generic[K]):
         async with lock:
             conn = self._pick(key)
             if conn is None:
-                conn = await self._connect(key)
-                self.connections_opened += 1
-                conn.on_idle = lambda c, k=key: self._on_idle(k, c)
-                self._conns.setdefault(key, []).append(conn)
+                conn = await self._open(key)
             self._cancel_timer(conn)
             return conn, conn.open_stream(header_list)
+
+    async def reserve(self, key: K) -> tuple[HboneConnection, bool]:
+        """A connection for `key` with a free slot, opened now if there is none (True: just opened),
+        without sending anything on it: step mode shows the mTLS handshake before the CONNECT. A
+        connection opened here that no stream ever uses is released like any idle one."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            conn = self._pick(key)
+            if conn is not None:
+                return conn, False
+            conn = await self._open(key)
+            self._on_idle(key, conn)
+            return conn, True
+
+    async def _open(self, key: K) -> HboneConnection:
+        conn = await self._connect(key)
+        self.connections_opened += 1
+        conn.on_idle = lambda c, k=key: self._on_idle(k, c)
+        self._conns.setdefault(key, []).append(conn)
+        return conn
 
     async def connect_stream(self, key: K, authority: str, headers: Sequence[Header] = ()
                              ) -> tuple[int, list[Header], HboneStream]:

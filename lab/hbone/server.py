@@ -12,6 +12,9 @@ For every new stream it checks the request as ztunnel does before anything else:
 Then the caller's handler decides (authorization -> 401, upstream failure -> 503, or 200
 and a bidirectional copy). A peer that does not speak HTTP/2 (garbage, wrong preface) gets a
 GOAWAY and the connection is closed; other connections are not affected.
+
+The streams the server answers by itself (400, 431, REFUSED_STREAM) never reach the handler;
+`on_reject` hears of each one as a `RejectedStream`, so that the proxy can log them.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ HARD_HEADER_LIST_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
+class RejectedStream:
+    """A stream the server answered itself, before any handler: a failed request check (`status`
+    400 or 431), or, with `status` 0, a stream over SETTINGS_MAX_CONCURRENT_STREAMS refused with
+    RST_STREAM(REFUSED_STREAM)."""
+
+    stream_id: int
+    status: int
+    reason: str
+    headers: list[Header] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ConnectRequest:
     """A CONNECT request that passed the protocol checks."""
 
@@ -60,6 +75,7 @@ class ConnectRequest:
 
 Respond = Callable[..., Awaitable[HboneStream | None]]
 Handler = Callable[[ConnectRequest, Respond], Awaitable[None]]
+OnReject = Callable[[RejectedStream], None]
 
 
 def header_list_size(headers: Sequence[Header]) -> int:
@@ -99,6 +115,7 @@ class _HboneServerH2(HboneH2Connection):
     def __init__(self) -> None:
         super().__init__(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.refused_streams: list[int] = []
+        self.on_refused: Callable[[int], None] | None = None
 
     def _receive_headers_frame(self, frame):  # type: ignore[no-untyped-def]
         sid = frame.stream_id
@@ -111,6 +128,8 @@ class _HboneServerH2(HboneH2Connection):
             rst = RstStreamFrame(sid)
             rst.error_code = ErrorCodes.REFUSED_STREAM
             self.refused_streams.append(sid)
+            if self.on_refused is not None:
+                self.on_refused(sid)
             return [rst], []
         return super()._receive_headers_frame(frame)
 
@@ -119,12 +138,16 @@ class HboneServerConnection(H2Session):
     """The server side of one HBONE connection; `serve_hbone` is the usual entry point."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler, *,
-                 max_streams: int = MAX_CONCURRENT_STREAMS) -> None:
+                 max_streams: int = MAX_CONCURRENT_STREAMS, on_reject: OnReject | None = None) -> None:
         self.handler = handler
-        self._handler_tasks: set[asyncio.Task[None]] = set()
+        self.on_reject = on_reject
+        self._handler_tasks: dict[asyncio.Task[None], HboneStream] = {}
         self.requests_seen = 0
         self.rejected: list[tuple[int, int, str]] = []  # (stream id, status, reason)
-        super().__init__(reader, writer, _HboneServerH2(), max_concurrent_streams=max_streams)
+        conn = _HboneServerH2()
+        conn.on_refused = lambda sid: self._notify(RejectedStream(
+            sid, 0, f"more than {max_streams} concurrent streams on one connection: refused (REFUSED_STREAM)"))
+        super().__init__(reader, writer, conn, max_concurrent_streams=max_streams)
 
     @property
     def refused_streams(self) -> list[int]:
@@ -139,14 +162,23 @@ class HboneServerConnection(H2Session):
             log.debug("HBONE stream %d rejected with %d: %s", sid, status, reason)
             self.rejected.append((sid, status, reason))
             self._answer_and_end(sid, status)
+            self._notify(RejectedStream(sid, status, reason, headers))
             return
         stream = HboneStream(self, sid)
         self.streams[sid] = stream
         request = ConnectRequest(authority=header_value(headers, ":authority") or "", headers=headers,
                                  stream_id=sid)
         task = asyncio.create_task(self._run_handler(request, stream), name=f"hbone-stream-{sid}")
-        self._handler_tasks.add(task)
-        task.add_done_callback(self._handler_tasks.discard)
+        self._handler_tasks[task] = stream
+        task.add_done_callback(lambda t: self._handler_tasks.pop(t, None))
+
+    def _notify(self, rejected: RejectedStream) -> None:
+        """Tell `on_reject`; its failure must not take the connection down."""
+        if self.on_reject is not None:
+            try:
+                self.on_reject(rejected)
+            except Exception:  # noqa: BLE001 - a logging hook must not end the connection
+                log.exception("HBONE on_reject callback failed for stream %d", rejected.stream_id)
 
     def _answer_and_end(self, sid: int, status: int, headers: Sequence[Header] = ()) -> None:
         """A final non-200 answer: HEADERS with END_STREAM, then RST_STREAM(NO_ERROR) so the
@@ -197,26 +229,38 @@ class HboneServerConnection(H2Session):
                 await stream.wait_sent()
             stream.close()  # RST only if the stream is not fully closed yet
 
+    def _cancel_unfinished_handlers(self) -> None:
+        """The connection is gone: cancel the handlers of streams still open. A handler whose
+        stream already ended cleanly both ways is only finishing up (ztunnel writes its access-log
+        line); cancelling it because the peer then closed the connection would log a clean
+        connection as cut."""
+        for task, stream in list(self._handler_tasks.items()):
+            if stream.error is not None or not stream._closed.is_set():
+                task.cancel()
+
     def _shutdown(self, reason: str) -> None:
         super()._shutdown(reason)
-        for task in list(self._handler_tasks):
-            task.cancel()
+        self._cancel_unfinished_handlers()
 
     async def aclose(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
         await super().aclose(error_code)
+        self._cancel_unfinished_handlers()
         tasks = list(self._handler_tasks)
-        for task in tasks:
-            task.cancel()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=1.0)  # finishing handlers get a second
+            for task in late:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler, *,
-                      max_streams: int = MAX_CONCURRENT_STREAMS) -> str:
+                      max_streams: int = MAX_CONCURRENT_STREAMS, on_reject: OnReject | None = None) -> str:
     """Serve one accepted HBONE connection until it ends; returns why it ended.
 
     `handler(request, respond)` is called once per valid CONNECT stream; it must call
     `await respond(status, headers=())` once: 200 returns the HboneStream, anything else
     ends the stream. A handler that returns without answering, or raises, yields 503.
+    `on_reject(RejectedStream)` is called for every stream answered without the handler.
     """
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
@@ -224,7 +268,7 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         with contextlib.suppress(Exception):
             await writer.wait_closed()
         return f"ALPN {ssl_object.selected_alpn_protocol()!r} is not h2"
-    session = HboneServerConnection(reader, writer, handler, max_streams=max_streams)
+    session = HboneServerConnection(reader, writer, handler, max_streams=max_streams, on_reject=on_reject)
     try:
         await session.closed.wait()
     finally:

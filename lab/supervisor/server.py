@@ -27,6 +27,7 @@ from ..apiserver import ApiServer, resolve_kind
 from ..cni import enrolment, plugin_events
 from ..model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION
 from .components import COMPONENTS, XDS_PORT, Components, NodeSockets, istiod_dir, write_node_tokens
+from .stepping import ProxyAdmin, StepControl, parse_on, proxy_admins
 from ..cleanup import stop_processes, teardown
 from ..errors import LabError
 from ..events import Event, events_socket
@@ -75,6 +76,7 @@ class Supervisor:
         self.seen_ambient: dict[tuple, bool] = {}  # pod key -> ambient per labels, at the last look
         self.generation = 0  # bumped on every change watchers (istiod) must see
         self.changed_cond = asyncio.Condition()
+        self.stepping = StepControl(self.step_targets, self.emit)  # step mode, the mesh debugger
 
     # -- events -------------------------------------------------------------------------------
     def publish(self, ev: Event) -> None:
@@ -790,6 +792,33 @@ class Supervisor:
                     await asyncio.wait_for(self.changed_cond.wait(), 30)
                 except asyncio.TimeoutError:
                     pass
+
+    # -- step mode: the mesh debugger (lab/supervisor/stepping.py) -------------------------------
+    def step_targets(self) -> list[ProxyAdmin]:
+        from ..istiod.deployment_controller import is_waypoint_gateway
+
+        gateways = [(g.namespace, g.name) for g in self.api.list("Gateway", None) if is_waypoint_gateway(g)]
+        return proxy_admins(self.lab, self.nodes, gateways)
+
+    async def op_step_mode(self, req: dict, reply: Reply) -> None:
+        try:
+            on = parse_on(req.get("on"))
+            timeout = float(req["timeout"]) if req.get("timeout") is not None else None
+            if timeout is not None and not timeout > 0:
+                raise ValueError(f"timeout must be a positive number of seconds, not {timeout:g}")
+        except (ValueError, TypeError) as e:
+            raise LabError(f"step_mode: {e}", 'send {"op": "step_mode", "on": true|false}') from None
+        await reply({"done": True, **await self.stepping.set_mode(on, timeout)})
+
+    async def op_step_release(self, req: dict, reply: Reply) -> None:
+        try:
+            result = await self.stepping.release(str(req.get("flow") or "*"), str(req.get("scope") or "step"))
+        except ValueError as e:
+            raise LabError(f"step_release: {e}", 'scope is "step" or "flow"; flow is an id, a prefix or "*"') from None
+        await reply({"done": True, **result})
+
+    async def op_step_held(self, req: dict, reply: Reply) -> None:
+        await reply({"done": True, "on": self.stepping.on, "held": await self.stepping.held()})
 
     async def op_down(self, req: dict, reply: Reply) -> None:
         await reply({"progress": f"removing lab {self.lab}"})

@@ -8,7 +8,9 @@ and memory stays bounded by the model's limits, not by the traffic.
 Keys (all listed by `?`, from screens/help.md): `:` switches view (`:pods`, `:svc`, `:nodes`,
 `:ns`, `:policies`, `:routes`, `:workloads`, `:flows`, `:istiod`, `:events`), `/` filters,
 `enter` drills in, `esc` backs out, `d` `y` `l` `s` describe, YAML, logs, shell; `ctrl+p` opens
-the actions (label a namespace, apply a file, curl, kill/restart ztunnel).
+the actions (label a namespace, apply a file, curl, kill/restart ztunnel); `X` (anywhere) and `x`
+(in a flow's timeline) turn live step mode on and off: the proxies hold every new connection
+before each step until the learner releases it (see screens/timeline.py).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class LabApp(App):
         Binding("3", "go('flows')", "flows", show=False),
         Binding("4", "go('istiod')", "istiod", show=False),
         Binding("5", "go('events')", "events", show=False),
+        Binding("X", "live_step_mode", "step mode", show=False),
         Binding("q", "quit", "quit"),
     ]
 
@@ -206,6 +209,54 @@ class LabApp(App):
         else:
             self.push_screen(TextScreen(f"logs {component} on {node}",
                                         loader=lambda: self.backend.logs(component=component, node=node)))
+
+    # -- step mode: the mesh debugger ------------------------------------------------------------------
+    def action_live_step_mode(self) -> None:
+        """`X`: live step mode on/off in every proxy (a recording says it cannot)."""
+        self.toggle_step_mode(not self.model.step_mode)
+
+    @work(thread=True, group="step", exclusive=True)
+    def toggle_step_mode(self, on: bool) -> None:
+        try:
+            reply = self.backend.set_step_mode(on)
+        except LabError as e:
+            self.call_from_thread(self.notify, e.message + (f"\n{e.fix}" if e.fix else ""), severity="error",
+                                  timeout=8)
+            return
+        self.call_from_thread(self._step_mode_set, reply)
+
+    def _step_mode_set(self, reply: dict) -> None:
+        on = bool(reply.get("on"))
+        proxies = reply.get("proxies", [])
+        ok = sum(1 for p in proxies if p.get("ok"))
+        if on:
+            self.model.step_mode = True
+            text = (f"step mode ON: {ok} of {len(proxies)} proxies hold every NEW connection before each step. "
+                    f"Send traffic (ctrl+p: curl), then open the held flow (3, enter).")
+        else:
+            self.model.fold_step_state({"on": False, "held": []})
+            text = f"step mode off: {len(reply.get('released', []))} held step(s) released"
+        self.model.touch("flows", "cluster")
+        for p in proxies:
+            if not p.get("ok"):
+                text += f"\n{p.get('error')}"
+        self.notify(text, timeout=8)
+        self.pump()
+
+    @work(thread=True, group="step")
+    def release_steps(self, flow: str, scope: str) -> None:
+        """Let a held flow (or "*": every held flow) take one step, or run to its end."""
+        try:
+            reply = self.backend.release_step(flow, scope)
+        except LabError as e:
+            self.call_from_thread(self.notify, e.message + (f"\n{e.fix}" if e.fix else ""), severity="error",
+                                  timeout=8)
+            return
+        released = reply.get("released", [])
+        what = "one step" if scope == "step" else "to its end" if flow != "*" else "every held flow to its end"
+        text = (f"released {what}: " + ", ".join(f"{r['flow'][:8]} {r['step']}" for r in released[:4])
+                if released else "nothing was held any more")
+        self.call_from_thread(self.notify, text, timeout=4)
 
     # -- commands in the lab's namespaces -----------------------------------------------------------
     def pod_netns(self, pod_key: str) -> str:

@@ -5,9 +5,14 @@ turns the supervisor's streams into messages for the view model (lab/tui/model.p
 the few requests the screens make:
 
 - `LiveBackend`: the supervisor's unix socket (lab/supervisor/client.py). Worker threads follow
-  `trace` (the event stream), `watch_cluster` (list-then-watch snapshots) and poll `components`;
-  they only append to a queue, which the app drains on its own timer (coalescing). Kernel views
-  of a pod run `ip netns exec <pod netns> ...` as a learner would.
+  `trace` (the event stream), `watch_cluster` (list-then-watch snapshots) and poll `components`
+  and `step_held`; they only append to a queue, which the app drains on its own timer
+  (coalescing). Kernel views of a pod run `ip netns exec <pod netns> ...` as a learner would.
+  Step mode (the mesh debugger): `set_step_mode` and `release_step` ask the supervisor, which
+  asks every ztunnel and waypoint. Step mode is turned off (every held flow released) when the
+  TUI stops: on quit, from `stop()`; on a crash or an exception, from an atexit hook; on SIGTERM
+  or SIGHUP (the terminal closed), from a signal handler. Only a SIGKILL escapes: then the
+  proxies' own timeout (10 minutes) lets each held step go.
 - `RecordedBackend`: a directory recorded from a real lab (events, one snapshot, the `get -o
   json` outputs, the pod commands' outputs). It answers reads from the recording and refuses
   changes; tests use it, so they need neither root nor timing luck.
@@ -17,9 +22,11 @@ No Textual here.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -38,10 +45,18 @@ QUEUE_LIMIT = 100_000  # messages waiting for the app; beyond this, events are c
 COMPONENTS_EVERY = 2.0  # seconds between `components` polls
 
 STEP_HOLD_UNAVAILABLE = (
-    "Holding flows is not available: the lab's proxies (ztunnel, the waypoint) do not yet stop a new "
-    "connection before each step and wait for a release, and the supervisor has no `step` request. "
-    "What works: replaying the recorded steps of a flow one at a time (space)."
+    "This lab's supervisor does not offer step mode (it has no `step_mode` request): restart the lab with "
+    "this version of ambient-lab. What works: replaying the recorded steps of a flow one at a time (space)."
 )
+STEP_HOLD_RECORDED = (
+    "This is a recording: nothing can be held. x, space and backspace replay the recorded steps of a flow "
+    "one at a time; on a live lab (sudo ambient-lab tui) x makes the proxies hold every new connection."
+)
+STEP_HOLD_AVAILABLE = (
+    "x: the proxies (every ztunnel and waypoint) hold every NEW connection before each step; then space lets a "
+    "held flow take one step, f lets it run to its end, a lets every held flow run."
+)
+EXIT_RELEASE_TIMEOUT = 3.0  # seconds the TUI waits, on its way out, for step mode to be turned off
 
 
 class Backend(ABC):
@@ -119,7 +134,15 @@ class Backend(ABC):
 
     def step_support(self) -> tuple[bool, str]:
         """Can the proxies hold a new flow before each step (the mesh debugger)?"""
-        return False, STEP_HOLD_UNAVAILABLE
+        return False, STEP_HOLD_RECORDED
+
+    def set_step_mode(self, on: bool) -> dict:
+        """Live step mode on or off in every proxy (off releases every held flow). Raises LabError."""
+        return self.request("step_mode", on=on)
+
+    def release_step(self, flow: str, scope: str) -> dict:
+        """Let a held flow (or "*": every one) take one step (`scope` "step") or run to its end ("flow")."""
+        return self.request("step_release", flow=flow, scope=scope)
 
     def now(self) -> float:
         return time.time()
@@ -143,14 +166,73 @@ class LiveBackend(Backend):
         self._threads: list[threading.Thread] = []
         self._last_ts = 0.0
         self.started_lab = False  # this TUI brought the lab up (so `--down-on-exit` may remove it)
+        self.step_on = False  # live step mode, as this TUI last set or saw it
+        self._exit_hooks = False
+        self._old_handlers: dict[int, Any] = {}
 
     def start(self) -> None:
+        self._install_signal_handlers()
         t = threading.Thread(target=self._attach, name="tui-attach", daemon=True)
         t.start()
         self._threads.append(t)
 
     def stop(self) -> None:
-        self._stop.set()
+        try:
+            self.end_step_mode()
+        finally:
+            self._stop.set()
+            self._restore_signals()
+
+    # -- step mode: never leave a flow held behind ----------------------------------------------
+    def set_step_mode(self, on: bool) -> dict:
+        if on:
+            self._arm_exit_hooks()
+        reply = super().set_step_mode(on)
+        self.step_on = bool(reply.get("on", on))
+        return reply
+
+    def end_step_mode(self) -> None:
+        """On the way out: if step mode is on, turn it off, so nothing stays held (quick, quiet)."""
+        if not self.step_on:
+            return
+        self.step_on = False
+        from ..supervisor.client import call
+
+        try:
+            call(self.lab, "step_mode", timeout=EXIT_RELEASE_TIMEOUT, on=False)
+        except (LabError, OSError, ValueError):
+            pass  # the lab is gone: so are its proxies and what they held
+
+    def _arm_exit_hooks(self) -> None:
+        """Step mode is on: end it at exit too, after a crash or an uncaught exception."""
+        if not self._exit_hooks:
+            self._exit_hooks = True
+            atexit.register(self.end_step_mode)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM and SIGHUP (the terminal went away) end step mode first, then do what they did."""
+        if threading.current_thread() is not threading.main_thread() or self._old_handlers:
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous = signal.getsignal(sig)
+
+            def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+                self.end_step_mode()
+                if callable(previous):
+                    previous(signum, frame)
+                else:  # the default action (terminate), as if we had not been here
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
+
+            self._old_handlers[sig] = previous
+            signal.signal(sig, handler)
+
+    def _restore_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._old_handlers.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._old_handlers.clear()
 
     def _attach(self) -> None:
         from .. import cli
@@ -231,6 +313,14 @@ class LiveBackend(Backend):
                 self.post(call(self.lab, "components", timeout=10))
             except (LabError, OSError, ValueError):
                 pass
+            try:
+                state = call(self.lab, "step_held", timeout=10)
+                self.step_on = bool(state.get("on"))
+                if self.step_on:
+                    self._arm_exit_hooks()
+                self.post({"step": {"on": self.step_on, "held": state.get("held", [])}})
+            except (LabError, OSError, ValueError):
+                pass  # a supervisor without step mode, or a lab going away
             self._stop.wait(COMPONENTS_EVERY)
 
     def _call(self, op: str, fields: dict) -> dict:
@@ -272,12 +362,15 @@ class LiveBackend(Backend):
 
     def step_support(self) -> tuple[bool, str]:
         try:
-            reply = self.request("step", action="status")
+            reply = self.request("step_held")
         except LabError as e:
             if "unknown operation" in e.message:
                 return False, STEP_HOLD_UNAVAILABLE
             return False, e.message
-        return bool(reply.get("available")), reply.get("message", "")
+        self.step_on = bool(reply.get("on"))
+        if self.step_on:
+            self._arm_exit_hooks()
+        return True, STEP_HOLD_AVAILABLE
 
     def describe(self) -> str:
         return f"lab {self.lab} (live)"

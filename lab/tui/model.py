@@ -11,7 +11,10 @@ informers list after every change). `LabModel` folds both into what the screens 
 - per-node components (istio-cni, ztunnel, kube-dns, istiod), up or down;
 - flows: every connection with its steps in order (one flow id ties the source ztunnel's and
   the destination ztunnel's steps together; plain-TCP halves are joined by their 4-tuple);
-- istiod's xDS pushes, with what a sidecar mesh would have pushed instead.
+- istiod's xDS pushes, with what a sidecar mesh would have pushed instead;
+- step mode (the mesh debugger, lab/ztunnel/stepper.py): whether the proxies hold new flows, and
+  which flow waits where, before which step, with what will happen next (`step.*` events, and
+  the supervisor's `step_held` answer a live backend polls).
 
 Memory is bounded (every history is a bounded deque or an evicting dict) and updates are
 coalesced: folding only marks areas dirty; the app redraws each dirty area at most once per
@@ -37,6 +40,7 @@ MAX_STEPS = 64  # steps kept per connection (a long-lived one keeps its first on
 MAX_POD_EVENTS = 200  # per pod, for the pod view
 MAX_PUSHES = 1_000  # istiod pushes
 MAX_LINK_KEYS = 4 * MAX_FLOWS  # 4-tuples remembered to join plain-TCP halves
+MAX_RELEASED_KEYS = 1_000  # held steps known released (a late poll answer must not bring them back)
 
 PER_NODE_COMPONENTS = ("istio-cni", "ztunnel", "kube-dns")
 
@@ -131,6 +135,38 @@ class Step:
 
 
 @dataclass
+class HeldStep:
+    """Step mode: one flow waiting in one proxy before one step, and what will happen next."""
+
+    flow: str
+    step: str
+    next: str
+    where: str  # component@node
+    component: str = ""
+    node: str = ""
+    pod: str = ""
+    seq: int = 0
+    since: float = 0.0
+    direction: str = ""  # ztunnel's outbound (source) or inbound (destination) side; "" in a waypoint
+
+    @property
+    def key(self) -> str:
+        """Unique per held step: the proxy and its sequence number."""
+        return f"{self.where}#{self.seq}"
+
+    @classmethod
+    def of(cls, d: dict[str, Any], ev: Event | None = None) -> "HeldStep":
+        """From a `step.held` event's fields, or one row of the supervisor's `step_held` answer."""
+        component = (ev.component if ev else "") or str(d.get("component", ""))
+        node = (ev.node if ev else "") or str(d.get("node", ""))
+        return cls(flow=(ev.flow if ev else "") or str(d.get("flow", "")), step=str(d.get("step", "")),
+                   next=str(d.get("next", "")), where=str(d.get("where") or f"{component}@{node}"),
+                   component=component, node=node, pod=(ev.pod if ev else "") or str(d.get("pod", "")),
+                   seq=int(d.get("seq", 0) or 0), since=float(ev.ts if ev else d.get("since", 0) or 0),
+                   direction=str(d.get("direction", "")))
+
+
+@dataclass
 class Flow:
     """One connection as a learner follows it, across the proxies it went through.
 
@@ -158,17 +194,24 @@ class Flow:
     bytes_recv: int = 0
     duration_ms: float = 0.0
     plan: str = ""
+    held: dict[str, HeldStep] = field(default_factory=dict)  # step mode: where it waits now
 
     @property
     def status(self) -> str:
-        """denied > failed > open > closed: the worst thing that happened to any half."""
+        """denied > failed > held > open > closed: the worst thing that happened to any half."""
         if self.denied:
             return "denied"
         if self.failed:
             return "failed"
+        if self.held:
+            return "held"
         if self.open_ids:
             return "open"
         return "closed"
+
+    def held_steps(self) -> list[HeldStep]:
+        """Where the flow waits now (step mode), oldest first."""
+        return sorted(self.held.values(), key=lambda h: (h.since, h.seq))
 
 
 @dataclass
@@ -232,6 +275,9 @@ class LabModel:
         self.certificates: collections.deque[Event] = collections.deque(maxlen=200)
         self.progress: collections.deque[str] = collections.deque(maxlen=50)
         self.status = ""  # the connection's state, one line (connecting, live, recorded, gone)
+        self.step_mode: bool | None = None  # live step mode, as last heard (None: never heard of)
+        self.held: dict[str, HeldStep] = {}  # step mode: every held step, by HeldStep.key
+        self._released: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.revision = 0
         self._dirty: set[str] = set()
         self.changed_flows: set[str] = set()
@@ -269,6 +315,8 @@ class LabModel:
         elif "status" in message:
             self.status = str(message["status"])
             self.touch("progress")
+        elif "step" in message:
+            self.fold_step_state(message["step"])
 
     def fold_all(self, messages: Iterable[dict]) -> int:
         n = 0
@@ -323,7 +371,9 @@ class LabModel:
                 self._bound_pod_events()
             q.append(ev)
         k = ev.kind
-        if ev.flow:
+        if k.startswith("step."):
+            self._fold_step_event(ev)
+        elif ev.flow:
             self._fold_flow_step(ev)
         if k == "pod.created" and ev.pod and ev.fields.get("netns"):
             self.netns[ev.pod] = str(ev.fields["netns"])
@@ -348,6 +398,68 @@ class LabModel:
         elif k in ("istiod.csr.signed", "istiod.csr.refused"):
             self.certificates.append(ev)
             self.touch("istiod")
+
+    # -- step mode -------------------------------------------------------------------------------
+    def _fold_step_event(self, ev: Event) -> None:
+        """`step.held` / `step.released` / `step.mode`: not steps of the flow, but its state."""
+        f = ev.fields
+        if ev.kind == "step.mode":
+            if ev.component == "supervisor" or f.get("where") == "lab":
+                self.step_mode = bool(f.get("on"))
+            elif f.get("on"):
+                self.step_mode = True
+            self.touch("flows", "cluster")
+            return
+        h = HeldStep.of(f, ev)
+        if ev.kind == "step.held" and h.key not in self._released:
+            self._hold(h)
+        elif ev.kind == "step.released":
+            self._remember_released(h.key)
+            self._unhold(h.key)
+
+    def fold_step_state(self, state: dict) -> None:
+        """The supervisor's `step_held` answer (polled): the mode, and every held step now. Steps
+        already known released (their event came first) stay released."""
+        self.step_mode = bool(state.get("on"))
+        now = {h.key: h for h in (HeldStep.of(d) for d in state.get("held", [])) if h.key not in self._released}
+        for key in [k for k in self.held if k not in now]:
+            self._unhold(key)
+        for key, h in now.items():
+            if key not in self.held:
+                self._hold(h)
+        self.touch("flows", "cluster")
+
+    def _hold(self, h: HeldStep) -> None:
+        self.held[h.key] = h
+        flow = self.flow(h.flow)
+        if flow is None and h.flow:  # held before any step reached us: the flow starts here
+            flow = Flow(id=h.flow, started=h.since, updated=h.since, ids=[h.flow])
+            self.flows[h.flow] = flow
+            self.flow_alias[h.flow] = h.flow
+            self._evict_flows()
+        if flow is not None:
+            flow.held[h.key] = h
+            self.changed_flows.add(flow.id)
+        self.touch("flows")
+
+    def _unhold(self, key: str) -> None:
+        h = self.held.pop(key, None)
+        if h is None:
+            return
+        flow = self.flow(h.flow)
+        if flow is not None:
+            flow.held.pop(key, None)
+            self.changed_flows.add(flow.id)
+        self.touch("flows")
+
+    def _remember_released(self, key: str) -> None:
+        self._released[key] = None
+        while len(self._released) > MAX_RELEASED_KEYS:
+            self._released.popitem(last=False)
+
+    def held_steps(self) -> list[HeldStep]:
+        """Every held step of the lab, oldest first."""
+        return sorted(self.held.values(), key=lambda h: (h.since, h.seq))
 
     def _bound_pod_events(self) -> None:
         """Pods come and go: keep the per-pod histories of at most 4x the pods we know."""
@@ -502,12 +614,15 @@ class LabModel:
         into.src = into.src or other.src
         into.dst = into.dst or other.dst
         into.duration_ms = max(into.duration_ms, other.duration_ms)
+        into.held.update(other.held)
 
     def _evict_flows(self) -> None:
         while len(self.flows) > MAX_FLOWS:
             _, old = self.flows.popitem(last=False)
             for fid in old.ids:
                 self.flow_alias.pop(fid, None)
+            for key in old.held:
+                self.held.pop(key, None)
             self.removed_flows.add(old.id)
             self.flows_evicted += 1
 

@@ -10,6 +10,8 @@ in each direction:
     {"op": "stats"}    -> {"stats": {...}}    Envoy-style counters: downstream_*, upstream_*,
                           rbac_*, and per cluster its circuit breaker and outlier detection
     {"op": "ready"}    -> {"ready": true|false}  config received and certificate held
+    {"op": "step_mode", "on": true|false[, "timeout": s]}, {"op": "release", "flow": id|"*",
+    "scope": "step"|"flow"}, {"op": "held"}: step mode, exactly as ztunnel's (lab/ztunnel/stepper.py)
     anything else      -> {"error": "..."}
 
 `config` is what `istioctl proxy-config all <waypoint>` would show, as plain data: the three
@@ -133,14 +135,22 @@ def config_dump(cfg: WaypointConfig | None, *, san_prefix: str = "", listen: str
     }
 
 
-def admin_response(request: Any, ops: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
-    """Answer one admin request with the reader registered for its op."""
+def admin_response(request: Any, ops: Mapping[str, Callable[[], Any]],
+                   commands: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None) -> dict[str, Any]:
+    """Answer one admin request with the reader registered for its op, or with the command (an op
+    that takes the request's fields: step mode's) registered for it."""
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         return {"error": 'expected a JSON object like {"op": "config"}'}
     op = request["op"]
+    commands = commands or {}
+    if op in commands:
+        try:
+            return {op: commands[op](request)}
+        except (ValueError, TypeError) as e:
+            return {"error": f"{op}: {e}"}
     reader = ops.get(op)
     if reader is None:
-        return {"error": f"unknown op {op!r}; one of: {', '.join(ops)}"}
+        return {"error": f"unknown op {op!r}; one of: {', '.join([*ops, *commands])}"}
     return {op: reader()}
 
 
@@ -177,12 +187,12 @@ def stop_admin(server: asyncio.AbstractServer, path: str) -> None:
         os.unlink(path)
 
 
-def admin_request(path: str, op: str, timeout: float = 5.0) -> Any:
-    """A client for the socket (the CLI, tests): send {"op": op}, return the answer's value."""
+def admin_request(path: str, op: str, timeout: float = 5.0, **fields: Any) -> Any:
+    """A client for the socket (the CLI, tests): send {"op": op, **fields}, return the answer's value."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps({"op": op}).encode() + b"\n")
+        s.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(1 << 20)

@@ -38,6 +38,9 @@ the order lab/waypoint/__init__.py lists. This module does the I/O around them:
 - Telemetry per request: Envoy's access log line, istio_requests_total, a mitmproxy flow, and
   events `waypoint.*` carrying the flow id of the incoming CONNECT's `traceparent`, so the source
   ztunnel's, the waypoint's and the destination ztunnel's steps form one flow.
+- Step mode (the lab's mesh debugger, lab/ztunnel/stepper.py): a request of a tunnel that arrived
+  after step mode was turned on waits before its route, its L7 policy decision, the router's
+  action and each tunnel out, until the learner releases it.
 
 Lab choices (said where they matter): a tunnel the waypoint cannot open to a pod (TCP, TLS, or a
 CONNECT answered with anything but 200, e.g. 401 from the destination ztunnel's L4 policy) counts
@@ -73,6 +76,7 @@ from lab.waypoint.breaker import (ACTIVE, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_U
 from lab.waypoint.config import Backend, Endpoint, ServiceConfig, WaypointConfig
 from lab.waypoint.flows import FlowFile, flow_state
 from lab.waypoint.telemetry import UNKNOWN, Metrics, Peer, RequestRecord, TraceContext, format_access_log, next_hop
+from lab.ztunnel.stepper import Stepper
 
 log = logging.getLogger("waypoint")
 
@@ -705,6 +709,7 @@ class Exchange:
     close_after: bool = False
     head_sent: bool = False
     aborted: bool = False
+    opened: float = 0.0  # time.monotonic() when its tunnel arrived: step mode holds only new ones
 
     @property
     def flow(self) -> str:
@@ -722,8 +727,10 @@ class WaypointProxy:
     def __init__(self, connector: Connector, *, identity: Identity, emit: Emit | None = None,
                  write_access_log: Callable[[str], None] | None = None, metrics: Metrics | None = None,
                  flows: FlowFile | None = None, pod: str = "", rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic, cluster: str = "Kubernetes") -> None:
+                 clock: Callable[[], float] = time.monotonic, cluster: str = "Kubernetes",
+                 stepper: Stepper | None = None) -> None:
         self.connector = connector
+        self.stepper = stepper if stepper is not None else Stepper(component="waypoint")  # step mode
         self.identity = identity
         self._emit = emit
         self.write_access_log = write_access_log or (lambda line: None)
@@ -791,6 +798,12 @@ class WaypointProxy:
         cfg = self.config
         return f"{cfg.namespace}/{cfg.name}" if cfg else "waypoint"
 
+    async def hold(self, ex: Exchange, step: str, next_sentence: str) -> None:
+        """Step mode: the request waits before `step` until the learner releases it
+        (lab/ztunnel/stepper.py). Callers check ``self.stepper.on`` first."""
+        await self.stepper.gate(ex.flow, step, next_sentence, started=ex.opened, pod=self.pod,
+                                method=ex.request.method, path=ex.request.target, waypoint=self.name)
+
     # -- the tunnel -------------------------------------------------------------------------
     async def handle_connect(self, request: Any, respond: Callable[..., Awaitable[HboneStream | None]],
                              peer: TunnelPeer) -> None:
@@ -849,6 +862,7 @@ class WaypointProxy:
         """HTTP/1.1 keep-alive over one tunnel: request after request, until EOF, an error,
         or a `Connection: close`."""
         reader = HttpReader(stream)
+        opened = time.monotonic()
 
         async def send_continue() -> None:
             stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -872,6 +886,7 @@ class WaypointProxy:
             if req is None:
                 break
             ex = self._exchange(target, peer, trace, req, client_addr, source, start, t0)
+            ex.opened = opened
             try:
                 await self.handle_request(stream, ex)
             except HboneError:
@@ -947,6 +962,9 @@ class WaypointProxy:
                               details="filter_chain_not_found", close=True)
             return
         target = ex.target = current
+        if self.stepper.on:
+            await self.hold(ex, "route", f"waypoint {self.name} will match {req.method} {req.target} against the "
+                                         f"HTTPRoutes of {target.name} (path, headers, method) and pick a backend")
 
         # 1. The route. Envoy's connection manager resolves (and caches) the route before its
         # filters run, so even a request RBAC denies has a route and a cluster in the access log.
@@ -967,6 +985,12 @@ class WaypointProxy:
 
         # 2. L7 AuthorizationPolicy (Envoy's RBAC filter, before the router)
         policies = cfg.policies_for(target.service)
+        if self.stepper.on:
+            who = ex.record.source.principal if ex.peer.identity else "a client without identity"
+            await self.hold(ex, "authorization",
+                            f"route {route.route_name or '(none)'} chose backend {route.backend or '(a local reply)'}; "
+                            f"next waypoint {self.name} checks {len(policies)} L7 AuthorizationPolicy(ies) for "
+                            f"{req.method} {req.target} from {who}: allowed, or 403")
         attrs = authz.Attributes(request=rq, source_ip=ex.peer.address[0], source_identity=ex.peer.identity,
                                  destination_ip=target.ip, destination_port=target.port)
         decision = authz.evaluate(policies, attrs)
@@ -992,6 +1016,9 @@ class WaypointProxy:
                 f"{w['backend']}={w['weight']}" for w in weights)
         else:
             outcome = f"backend {route.backend}"
+        if self.stepper.on:
+            await self.hold(ex, "router", f"the policies allowed it; waypoint {self.name} will route {req.method} "
+                                          f"{req.target} by route {route.route_name or '(none)'}: {outcome}")
         self.emit("waypoint.route",
                   f"waypoint {self.name} routed {req.method} {req.target} by route {route.route_name or '(none)'}: "
                   f"{outcome}", ex.flow, route=route.route_name, backend=str(route.backend or ""),
@@ -1172,6 +1199,11 @@ class WaypointProxy:
                       f"is allowed, so the request waits (pending)", ex.flow, cluster=backend.cluster_name,
                       event="pending", pending=len(state.breaker.pending))
             await state.wait_pending(ticket)
+        if self.stepper.on:
+            await self.hold(ex, "tunnel out",
+                            f"waypoint {self.name} will send {ex.request.method} {ex.request.target} to pod {ep.pod} "
+                            f"({ep.address}) through HBONE, as its own identity {self.identity} (a new CONNECT to "
+                            f"{ep.ip}:{HBONE_PORT}, or a kept-alive stream)")
         state.active[ep.address] = state.active.get(ep.address, 0) + 1
         try:
             async with asyncio.timeout(per_try_timeout):

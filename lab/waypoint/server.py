@@ -64,6 +64,7 @@ from lab.waypoint.flows import FlowFile
 from lab.waypoint.proxy import HboneUpstream, TunnelPeer, WaypointProxy, upstream_san_prefix
 from lab.waypoint.telemetry import Metrics
 from lab.ztunnel.identity_manager import CaClient, CertificateUnavailable, IdentityManager
+from lab.ztunnel.stepper import Stepper
 from lab.ztunnel.tls_workload import WorkloadTls
 
 log = logging.getLogger("waypoint")
@@ -207,6 +208,7 @@ class Waypoint:
         self.config_digest = ""
         self.tunnels: set[asyncio.Task[Any]] = set()
         self.stopping = threading.Event()
+        self.stepper = Stepper(emitter.emit, component="waypoint", node=args.node)  # step mode, off at start
 
     # -- events and state -------------------------------------------------------------------
     def emit(self, kind: str, msg: str, **fields: Any) -> None:
@@ -352,7 +354,8 @@ class Waypoint:
         args = self.args
         self.state_dir.mkdir(parents=True, exist_ok=True)
         admin_path = str(self.state_dir / ADMIN_SOCKET)
-        admin = await start_admin(admin_path, lambda req: admin_response(req, self.admin_ops()))
+        admin = await start_admin(admin_path, lambda req: admin_response(req, self.admin_ops(),
+                                                                         self.stepper.commands()))
         servers: list[asyncio.AbstractServer] = []
         watcher: threading.Thread | None = None
         flusher = loop.create_task(self._flush_events())
@@ -375,7 +378,8 @@ class Waypoint:
             self.upstream = HboneUpstream(client_context, upstream_san_prefix(args.trust_domain, args.namespace))
             self.proxy = WaypointProxy(self.upstream, identity=identity, emit=self.emitter.emit,
                                        write_access_log=write_access_log, metrics=self.metrics,
-                                       flows=FlowFile(self.state_dir / FLOWS_FILE), pod=args.pod)
+                                       flows=FlowFile(self.state_dir / FLOWS_FILE), pod=args.pod,
+                                       stepper=self.stepper)
             self.identities.prefetch(identity)
             watcher = threading.Thread(target=snapshot_watch, name="watch_cluster", daemon=True,
                                        args=(args.lab, lambda snap: loop.call_soon_threadsafe(self.on_snapshot, snap),
@@ -396,6 +400,7 @@ class Waypoint:
             ready_task.cancel()
             log.info("received a termination signal, shutting down")
         finally:
+            self.stepper.set_mode(False, reason="shutdown")  # nothing waits for a learner any more
             self.stopping.set()
             for server in servers:
                 server.close()

@@ -14,7 +14,14 @@ line in each direction::
     {"op": "config_dump"}  -> {"config_dump": {"workloads", "services", "policies",
                               "certificates", "connections"}}
     {"op": "metrics"}      -> {"metrics": "<Prometheus text exposition>"}
+    {"op": "step_mode", "on": true|false[, "timeout": s]}
+                           -> {"step_mode": {"on", "changed", "released": [...], "held", "timeout"}}
+    {"op": "release", "flow": id|"*", "scope": "step"|"flow"}
+                           -> {"release": {"released": [...], "held": [...]}}
+    {"op": "held"}         -> {"held": [{flow, step, next, node, pod, since, held_s, ...}]}
     anything else          -> {"error": "..."}
+
+The three step-mode operations (the lab's mesh debugger, not in ztunnel) are lab/ztunnel/stepper.py.
 
 config_dump entries (what ``istioctl zc`` prints as columns):
 
@@ -57,14 +64,23 @@ OPS = ("workloads", "connections", "ready", "config_dump", "metrics")
 
 
 # ------------------------------------------------------------------------------------ answers
-def admin_response(request: Any, ops: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
-    """Answer one admin request with the reader registered for its op (pure apart from calling it)."""
+def admin_response(request: Any, ops: Mapping[str, Callable[[], Any]],
+                   commands: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None) -> dict[str, Any]:
+    """Answer one admin request with the reader registered for its op, or with the command (an op
+    that takes the request's fields, e.g. step mode's) registered for it; a command's ValueError
+    is the answer's error (pure apart from calling them)."""
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         return {"error": 'expected a JSON object like {"op": "workloads"}'}
     op = request["op"]
+    commands = commands or {}
+    if op in commands:
+        try:
+            return {op: commands[op](request)}
+        except (ValueError, TypeError) as e:
+            return {"error": f"{op}: {e}"}
     reader = ops.get(op)
     if reader is None:
-        return {"error": f"unknown op {op!r}; one of: {', '.join(ops)}"}
+        return {"error": f"unknown op {op!r}; one of: {', '.join([*ops, *commands])}"}
     return {op: reader()}
 
 

@@ -54,6 +54,7 @@ from lab.ztunnel.proxy.connection_manager import ConnectionManager
 from lab.ztunnel.proxy.inbound_passthrough import rbac_message
 from lab.ztunnel.proxy.pool import WorkloadConnector, WorkloadHbonePool
 from lab.ztunnel.state import ApplyResult, ProxyState, StateChanges
+from lab.ztunnel.stepper import Stepper
 from lab.ztunnel.tls_workload import WorkloadTls
 from lab.ztunnel.xds.client import XdsClient
 
@@ -189,6 +190,7 @@ async def run(cfg: Config) -> int:
     own_netns = current_netns()
     connections = ConnectionManager()
     metrics = Metrics()
+    stepper = Stepper(emit, component="ztunnel", node=cfg.node)  # step mode, off until the learner turns it on
     mesh: Mesh | None = None
     state: WorkloadProxyManagerState | None = None
     manager: WorkloadManager | None = None
@@ -211,7 +213,7 @@ async def run(cfg: Config) -> int:
             "ready": ready,
             "config_dump": dump,
             "metrics": metrics.exposition,
-        }))
+        }, stepper.commands()))
     log.info("ztunnel for node %s starting: ZDS %s, admin %s, xDS %s, mark %d", cfg.node, cfg.zds_socket,
              cfg.admin_socket or "-", cfg.xds_address or "- (no control plane: plain TCP only)", cfg.packet_mark)
     try:
@@ -224,13 +226,15 @@ async def run(cfg: Config) -> int:
         if not stop.is_set():
             state = WorkloadProxyManagerState(cfg, emit=emit, cur_netns=own_netns,
                                               write_access_log=write_access_log, connections=connections,
-                                              metrics=metrics, mesh=mesh.inputs if mesh else None)
+                                              metrics=metrics, mesh=mesh.inputs if mesh else None,
+                                              stepper=stepper)
             manager = WorkloadManager(cfg.zds_socket, on_add=state.add, on_del=state.delete, on_keep=state.keep,
                                       on_snapshot_sent=state.snapshot_sent)
             manager.start()
             await stop.wait()
         log.info("received a termination signal, shutting down")
     finally:
+        stepper.set_mode(False, reason="shutdown")  # nothing waits for a learner any more
         flusher.cancel()
         if manager is not None:
             await manager.stop()  # no more ZDS requests while the proxies go away

@@ -14,6 +14,7 @@ import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bookinfo"  # ambient, an allowed and a denied HBONE flow
 RACE = Path(__file__).parent / "fixtures" / "race"  # istio-cni's start-up race: bypassed pods, plain text
+STEPPING = Path(__file__).parent / "fixtures" / "stepping"  # step mode: a curl held, stepped, released
 SIZE = (140, 40)
 
 

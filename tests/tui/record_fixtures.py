@@ -1,6 +1,6 @@
 """Record the TUI tests' fixtures from real labs (needs root; about half a minute each).
 
-    sudo .venv/bin/python -m tests.tui.record_fixtures [--scenario bookinfo|race] [--out DIR]
+    sudo .venv/bin/python -m tests.tui.record_fixtures [--scenario bookinfo|race|stepping] [--out DIR]
 
 `bookinfo` (tests/tui/fixtures/bookinfo): lab `tuirec` with bookinfo + curl + sleep; namespace
 `default` put in ambient; curl productpage from the curl pod (allowed); Istio's getting-started
@@ -11,6 +11,11 @@ ambient from the start but the lab starts its pods before istio-cni (`--no-cni-t
 run un-captured (bypassed); a pod started later is captured (HBONE), one opts out
 (`istio.io/dataplane-mode=none`), productpage is re-enrolled by a label change, and the
 bypassed curl pod calls it in plain text (ztunnel's inbound passthrough on 15006).
+
+`stepping` (tests/tui/fixtures/stepping): step mode, the mesh debugger. Lab `tuirec`, namespace
+`default` in ambient, `ambient-lab step on`; a curl from the curl pod to details waits before
+each step: `step next` twice (the plan, the mTLS handshake; it then waits before the CONNECT),
+`step all` lets it finish; `step off`.
 
 Each saves what the TUI reads: the event stream, a cluster snapshot, the components, `get -o
 json` of each kind, and the pod views' command outputs and logs, read through the same
@@ -126,6 +131,39 @@ def play_race(tmp: Path) -> list[str]:
             f"curl deploy/curl (bypassed) -> productpage:9080 (meshed), plain text: HTTP {code or 'none'}"]
 
 
+def play_stepping() -> list[str]:
+    from lab.supervisor.client import call
+
+    lab("up", "-q")
+    lab("label", "namespace", "default", "istio.io/dataplane-mode=ambient")
+    time.sleep(1.0)
+    lab("step", "on")
+    curl = subprocess.Popen([sys.executable, "-m", "lab", "exec", "--name", LAB, "deploy/curl", "--", "curl", "-s",
+                             "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20",
+                             "http://details:9080/details/0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    steps = []
+    try:
+        for release in ("next", "next", None):
+            deadline = time.monotonic() + 10
+            while not (held := call(LAB, "step_held")["held"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            steps.append(held[0]["step"] if held else "?")
+            time.sleep(0.3)
+            if release:
+                lab("step", release, held[0]["flow"][:12] if held else "")
+        lab("step", "all")
+        code, _ = curl.communicate(timeout=20)
+    finally:
+        if curl.poll() is None:
+            curl.kill()
+        lab("step", "off", check=False)
+    time.sleep(1.0)
+    return ["namespace default labelled istio.io/dataplane-mode=ambient", "ambient-lab step on",
+            "curl deploy/curl -> details:9080 in the background: held before " + ", then ".join(steps),
+            "ambient-lab step next twice, then step all", f"the curl finished: HTTP {code or 'none'}",
+            "ambient-lab step off"]
+
+
 def record(out: Path, scenario: str) -> None:
     import tempfile
 
@@ -136,7 +174,8 @@ def record(out: Path, scenario: str) -> None:
     from lab.tui.model import PodState
 
     with tempfile.TemporaryDirectory() as tmp:
-        story = play_race(Path(tmp)) if scenario == "race" else play_bookinfo()
+        story = play_race(Path(tmp)) if scenario == "race" else play_stepping() if scenario == "stepping" \
+            else play_bookinfo()
 
     if out.exists():
         shutil.rmtree(out)
@@ -174,7 +213,7 @@ def record(out: Path, scenario: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenario", choices=["bookinfo", "race"], default="bookinfo")
+    ap.add_argument("--scenario", choices=["bookinfo", "race", "stepping"], default="bookinfo")
     ap.add_argument("--out", help="default: tests/tui/fixtures/SCENARIO")
     args = ap.parse_args()
     try:

@@ -270,7 +270,7 @@ def table_keys_first(app: LabApp) -> str:
     return app.screen.flow_id
 
 
-async def test_step_mode_reveals_one_step_at_a_time_and_says_holding_is_unavailable(app: LabApp) -> None:
+async def test_step_mode_on_a_recording_replays_one_step_at_a_time(app: LabApp) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         fid = next(iter(app.model.flows))
@@ -289,7 +289,7 @@ async def test_step_mode_reveals_one_step_at_a_time_and_says_holding_is_unavaila
         assert steps.option_count == 2
         banner = plain(app.screen.query_one("#step-banner"))
         assert f"step 2 of {n}" in banner
-        assert "live hold: unavailable" in banner and "do not yet stop" in banner
+        assert "This is a recording: nothing can be held" in banner  # live holding: tests/tui/test_step_mode.py
         await pilot.press("x")
         await settle(pilot)
         assert steps.option_count == n

@@ -10,7 +10,7 @@ from __future__ import annotations
 from lab.tui.app import LabApp
 from lab.tui.backend import RecordedBackend
 
-from .conftest import FIXTURE, RACE, SIZE
+from .conftest import FIXTURE, RACE, SIZE, STEPPING
 
 
 def make_app(fixture=FIXTURE) -> LabApp:
@@ -49,6 +49,21 @@ def test_timeline_of_a_flow(snap_compare) -> None:
         await settle(pilot)
 
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=open_first_flow)
+
+
+def test_timeline_of_a_held_flow(snap_compare) -> None:
+    """Step mode: the recorded curl held before its CONNECT, with what will happen next."""
+    backend = RecordedBackend(STEPPING)
+    holds = [i for i, e in enumerate(backend.events) if e["kind"] == "step.held"]
+    backend.events = backend.events[:holds[2] + 1]  # held before the CONNECT
+
+    async def open_held_flow(pilot) -> None:
+        await settle(pilot)
+        app: LabApp = pilot.app
+        app.open_timeline(backend.events[-1]["flow"])
+        await settle(pilot)
+
+    assert snap_compare(LabApp(backend, tick=None), terminal_size=SIZE, run_before=open_held_flow)
 
 
 def test_control_plane_view(snap_compare) -> None:

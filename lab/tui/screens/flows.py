@@ -19,7 +19,7 @@ from ..model import Flow, LabModel
 from .resources import FilterableTable
 
 COLUMNS = ["TIME", "SOURCE", "DESTINATION", "PATH", "STATUS", "BYTES", "STEPS"]
-STATUS_STYLE = {"denied": "bold red", "failed": "red", "open": "yellow", "closed": "green"}
+STATUS_STYLE = {"denied": "bold red", "failed": "red", "held": "bold magenta", "open": "yellow", "closed": "green"}
 
 
 def clock(ts: float) -> str:

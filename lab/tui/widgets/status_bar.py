@@ -23,6 +23,9 @@ class StatusBar(Static):
         if denied:
             t.append(f" ({denied} denied)", style="bold red")
         t.append(f" | {model.events_seen} events ")
+        if model.step_mode or model.held:
+            t.append(f"| STEP MODE ({len(model.held)} held) " if model.step_mode else f"| {len(model.held)} held ",
+                     style="bold magenta")
         if extra:
             t.append(f"| {extra} ", style="yellow")
         if model.status:

@@ -29,6 +29,7 @@ from lab.ztunnel.proxy import (
     ProxyInputs,
 )
 from lab.ztunnel.proxy.connection_manager import ConnectionManager
+from lab.ztunnel.stepper import Stepper
 
 log = logging.getLogger("ztunnel.inpod.statemanager")
 
@@ -65,7 +66,7 @@ class WorkloadProxyManagerState:
     def __init__(self, cfg: Config, *, emit: Emit, cur_netns: int,
                  write_access_log: Callable[[str], None],
                  connections: ConnectionManager | None = None, metrics: Metrics | None = None,
-                 mesh: MeshInputs | None = None) -> None:
+                 mesh: MeshInputs | None = None, stepper: Stepper | None = None) -> None:
         self.cfg = cfg
         self.emit = emit
         self.cur_netns = cur_netns
@@ -73,6 +74,7 @@ class WorkloadProxyManagerState:
         self.connections = connections if connections is not None else ConnectionManager()
         self.metrics = metrics if metrics is not None else Metrics()
         self.mesh = mesh
+        self.stepper = stepper if stepper is not None else Stepper()  # one for every pod's proxy
         self.proxies: dict[str, Proxy] = {}
 
     # ------------------------------------------------------------------ ZDS handlers
@@ -95,7 +97,8 @@ class WorkloadProxyManagerState:
         workload = InpodWorkload(uid, info)
         proxy = Proxy(ProxyInputs(cfg=self.cfg, workload=workload, netns=InpodNetns(self.cur_netns, netns_fd),
                                   connections=self.connections, emit=self.emit,
-                                  write_access_log=self.write_access_log, metrics=self.metrics, mesh=self.mesh))
+                                  write_access_log=self.write_access_log, metrics=self.metrics, mesh=self.mesh,
+                                  stepper=self.stepper))
         try:
             await proxy.start()
         except OSError as e:

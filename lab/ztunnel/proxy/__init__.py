@@ -58,6 +58,7 @@ from lab.ztunnel.socket import (
     set_nodelay,
 )
 from lab.ztunnel.state import ProxyState, StateChanges, Workload, wait_for_workload
+from lab.ztunnel.stepper import Stepper
 
 if TYPE_CHECKING:
     from lab.hbone import HboneStream
@@ -115,8 +116,10 @@ def io_error(err: BaseException) -> str:
     if isinstance(err, (asyncio.TimeoutError, TimeoutError)) or getattr(err, "errno", None) == errno.ETIMEDOUT:
         return "connection timed out"
     code = getattr(err, "errno", None)
+    if code is None and isinstance(err, ConnectionResetError):
+        code = errno.ECONNRESET  # asyncio's "peer went away during the TLS handshake" has no errno
     if code is None:
-        return f"io error: {err}"
+        return f"io error: {str(err) or type(err).__name__}"
     return f"io error: {os.strerror(code)} (os error {code})"
 
 
@@ -196,6 +199,7 @@ class ProxyInputs:
     write_access_log: Callable[[str], None]
     metrics: Metrics = field(default_factory=Metrics)
     mesh: MeshInputs | None = None
+    stepper: Stepper = field(default_factory=Stepper)  # step mode (off unless the learner turns it on)
 
 
 # ------------------------------------------------------------------------------------ flows
@@ -285,6 +289,12 @@ class Flow:
 
     def duration_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000
+
+    async def hold(self, step: str, next_sentence: str) -> None:
+        """Step mode: wait before `step` until the learner releases it (lab/ztunnel/stepper.py).
+        Callers check ``self.pi.stepper.on`` first, so that step mode off costs one boolean."""
+        await self.pi.stepper.gate(self.id, step, next_sentence, started=self.started, pod=self.pod,
+                                   namespace=self.pi.workload.namespace, direction=self.direction)
 
     def transferred(self) -> tuple[int, int]:
         """(downstream -> upstream, upstream -> downstream) bytes so far; for HBONE read live from

@@ -11,7 +11,8 @@ One accepted TCP connection is a *tunnel* (`serve_tunnel`):
 1. ``tls.certificate``: ztunnel looks up pod B's Workload and presents **B's** certificate (its
    SPIFFE identity), never its own. A client certificate is required and must chain to the mesh
    root; then its trust domain must be B's own (``TrustDomainVerifier``).
-2. ``tls.handshake``: both identities, the cipher, ALPN h2. Then HTTP/2 (lab.hbone.serve_hbone).
+2. ``tls.handshake``: both identities, the cipher, ALPN h2 (a client that did not negotiate h2 is
+   refused). Then HTTP/2 (lab.hbone.serve_hbone).
 
 Each CONNECT stream on it is one *connection* (`Tunnel.handle_stream`, ``conn.captured`` with
 port 15008), with the flow id the source sent in ``traceparent``:
@@ -26,6 +27,13 @@ port 15008), with the flow id the source sent in ``traceparent``:
 6. ``hbone.response`` 200 (with ``baggage`` describing B), then bytes both ways until both ends
    closed; ``conn.closed`` and one ``direction="inbound"`` access-log line.
 
+In step mode (lab/ztunnel/stepper.py) a new CONNECT waits before step 4 and before step 5.
+
+Streams the HTTP/2 server answers by itself (not a CONNECT to an ``ip:port`` -> 400, headers
+too large -> 431, over the 100 concurrent streams -> REFUSED_STREAM) are logged as failed
+connections too (`Tunnel.on_reject`); a flood of refused streams gets one line, plus a count
+when the tunnel ends.
+
 Without a control plane (no ``--xds-address``) the listener is still real, so the port is owned by
 ztunnel and visible in ``ss -tlnp``, but every connection is closed at once (`handle`).
 """
@@ -34,10 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 
-from lab.hbone import ConnectRequest, HboneError, serve_hbone
+from lab.hbone import ConnectRequest, HboneError, RejectedStream, serve_hbone
 from lab.hbone import copy_bidirectional as hbone_copy
 from lab.hbone.headers import (
     STATUS_BAD_REQUEST,
@@ -51,7 +60,7 @@ from lab.hbone.headers import (
 )
 from lab.identity import Identity
 from lab.tls.certificate import NoPeerIdentity, WorkloadCertificate
-from lab.tls.contexts import PeerVerificationError, verify_client_trust_domain
+from lab.tls.contexts import ALPN_H2, PeerVerificationError, verify_client_trust_domain
 from lab.ztunnel.identity_manager import CertificateUnavailable
 from lab.ztunnel.proxy import (
     COPY_CHUNK,
@@ -73,6 +82,8 @@ from lab.ztunnel.state import Workload
 
 #: The TLS reader's buffer: HTTP/2 frames of up to 1 MiB arrive through it.
 TLS_READER_LIMIT = 4 * 1024 * 1024
+
+log = logging.getLogger("ztunnel.proxy.inbound")
 
 
 async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -143,6 +154,7 @@ class Tunnel:
         self.tls = dict(cipher=cipher[0] if cipher else "", tls_version=ssl_object.version() or "",
                         alpn=ssl_object.selected_alpn_protocol() or "")
         self.streams = 0
+        self.refused = 0  # streams refused over the concurrent-stream limit
 
     def _tls_events(self, flow: Flow, stream_id: int) -> None:
         w, node = self.workload, self.pi.cfg.node
@@ -208,6 +220,12 @@ class Tunnel:
             flow.open()
             ctx = Connection(src_ip=self.peer[0], src_identity=self.client_identity, dst_ip=target[0],
                              dst_port=target[1])
+            if pi.stepper.on:
+                await flow.hold("authorization",
+                                f"ztunnel on {pi.cfg.node} will check pod {flow.pod}'s AuthorizationPolicies for "
+                                f"{self.client_identity} ({self.peer[0]}) -> port {target[1]}: allowed, or the "
+                                f"CONNECT is answered 401")
+                workload = mesh.state.workloads.get(self.workload.uid, workload)  # policies may have changed
             decision = assert_rbac(mesh.state.policies_for(workload), ctx)
             emit_rbac(flow, decision, ctx)
             if not decision.allowed:
@@ -217,6 +235,11 @@ class Tunnel:
             pi.connections.track_rbac(flow, ctx)
 
             client_ip = self.peer[0]
+            if pi.stepper.on:
+                await flow.hold("upstream",
+                                f"ztunnel will connect to the app at {format_addr(target)} inside pod {flow.pod} "
+                                f"from the client's own address {client_ip} (IP_TRANSPARENT), then answer the "
+                                f"CONNECT with 200")
             sock = pi.netns.run(lambda: upstream_socket(mark=pi.cfg.packet_mark, bind_source=client_ip))
             try:
                 await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), pi.cfg.connect_timeout)
@@ -255,6 +278,25 @@ class Tunnel:
                 else:
                     reset(up_writer)
 
+    def on_reject(self, rejected: RejectedStream) -> None:
+        """A stream the HTTP/2 server answered by itself (lab.hbone.RejectedStream): one failed
+        connection in the log and events. Over the stream limit only the first refusal of a tunnel
+        is logged here (a flood would flood the log); `serve_tunnel` logs the total at the end."""
+        if rejected.status == 0:
+            self.refused += 1
+            if self.refused > 1:
+                return
+        flow = Flow(self.pi, "inbound", self.pi.cfg.inbound_port, self.peer, self.local)
+        flow.mtls = True
+        flow.src_identity, flow.dst_identity = self.client_identity, self.workload.identity
+        flow.captured(f"from {format_addr(self.peer)} as HTTP/2 stream {rejected.stream_id} of an mTLS connection "
+                      f"({self.client_identity}), on pod {flow.pod}'s HBONE port (never redirected),")
+        error = rejected.reason if rejected.status == 0 else f"bad request ({rejected.status}): {rejected.reason}"
+        flow.emit("hbone.response", f"ztunnel's HTTP/2 server answered stream {rejected.stream_id} by itself: {error}",
+                  status=rejected.status, error=error, stream_id=rejected.stream_id,
+                  headers={k: v for k, v in rejected.headers})
+        flow.finish(error)
+
     async def _refuse(self, flow: Flow, respond, status: int, error: str) -> None:  # type: ignore[no-untyped-def]
         """Answer a non-200 status, then record the failure."""
         with contextlib.suppress(HboneError):
@@ -285,12 +327,20 @@ async def serve_tunnel(pi: ProxyInputs, sock: socket.socket) -> None:
         except ssl.SSLError as e:
             raise _TunnelError(f"tls handshake error: {e.reason or e}") from e
         ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object.selected_alpn_protocol() != ALPN_H2:  # rustls would end the handshake here
+            raise _TunnelError(f"tls handshake error: the client did not negotiate ALPN {ALPN_H2} "
+                               f"(got {ssl_object.selected_alpn_protocol()!r}): HBONE is HTTP/2 only")
         try:
             client = verify_client_trust_domain(ssl_object, workload.trust_domain)
         except (PeerVerificationError, NoPeerIdentity) as e:
             raise _TunnelError(f"tls handshake error: {e}") from e
         tunnel = Tunnel(pi, peer, local, workload, cert, client, ssl_object)
-        await serve_hbone(*reader_writer, tunnel.handle_stream, max_streams=pi.cfg.pool_max_streams)
+        await serve_hbone(*reader_writer, tunnel.handle_stream, max_streams=pi.cfg.pool_max_streams,
+                          on_reject=tunnel.on_reject)
+        if tunnel.refused > 1:
+            log.warning("HBONE connection from %s (%s) to pod %s ended; %d of its streams were refused "
+                        "(REFUSED_STREAM): more than %d at once", format_addr(peer), client, pi.workload.key,
+                        tunnel.refused, pi.cfg.pool_max_streams)
     except asyncio.CancelledError:
         if writer is not None:
             writer.transport.abort()

@@ -20,6 +20,8 @@ The path of one connection:
    (``local 0.0.0.0/0 dev lo``) delivers them to ztunnel's transparent socket instead of eth0.
 6. Bytes are relayed; one ``direction="inbound"`` access-log line is written. The connection
    stays registered with its RBAC context: a later policy change can close it.
+
+In step mode (lab/ztunnel/stepper.py) a new connection waits before step 4 and before step 5.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.Strea
         flow.src_workload = mesh.state.workload_by_ip(client_ip)
         flow.open()
         ctx = Connection(src_ip=client_ip, src_identity=None, dst_ip=target[0], dst_port=target[1])
+        if pi.stepper.on:
+            await flow.hold("authorization",
+                            f"ztunnel on {pi.cfg.node} will check pod {pod}'s AuthorizationPolicies for "
+                            f"{client_ip}, plaintext with no identity, -> port {target[1]}: allowed, or reset")
         decision = assert_rbac(mesh.state.policies_for(dst), ctx)
         emit_rbac(flow, decision, ctx)
         if not decision.allowed:
@@ -105,6 +111,9 @@ async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.Strea
     else:
         flow.open()
 
+    if pi.stepper.on:
+        await flow.hold("upstream", f"ztunnel will connect to the app at {format_addr(target)} inside pod {pod} "
+                                    f"from the client's own address {client_ip} (IP_TRANSPARENT) and copy bytes")
     sock = pi.netns.run(lambda: upstream_socket(mark=pi.cfg.packet_mark, bind_source=client_ip))
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), pi.cfg.connect_timeout)

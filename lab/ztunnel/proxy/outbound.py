@@ -24,14 +24,19 @@ The path of one connection, as the events show it:
 
 Without a control plane (no ``--xds-address``) ztunnel knows no workload: every destination takes
 the passthrough branch.
+
+Step mode (the lab's mesh debugger, lab/ztunnel/stepper.py): a new connection waits before the
+plan, before the mTLS handshake, before the CONNECT and before a plain-TCP upstream connect, until
+the learner releases it (``Flow.hold``); with step mode off each of these costs one boolean check.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Set as AbstractSet
+from typing import Any
 
-from lab.hbone import HboneHttpError
+from lab.hbone import HboneConnection, HboneHttpError
 from lab.hbone import copy_bidirectional as hbone_copy
 from lab.hbone.headers import Baggage, create_hbone_request, header_value
 from lab.ztunnel.config import ILLEGAL_PORTS
@@ -98,6 +103,10 @@ async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.Strea
     flow.original_dst(target, f"the app in pod {pod} wanted to reach {format_addr(target)} "
                               f"(SO_ORIGINAL_DST: the destination before the REDIRECT to 15001)")
     check_target(target, illegal_ports=pi.cfg.illegal_ports)
+    if pi.stepper.on:
+        await flow.hold("plan", f"ztunnel on {flow.node} will look up pod {pod}'s own workload and "
+                                f"{format_addr(target)} in its xDS state (workloads, services) and decide how to "
+                                f"get there: HBONE through an mTLS tunnel, plain TCP, or passthrough")
 
     mesh = pi.mesh
     if mesh is None:
@@ -119,11 +128,44 @@ async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.Strea
         await proxy_to_tcp(flow, plan, reader, writer)
 
 
+def handshake_event(flow: Flow, source: Workload, plan: Hbone, conn: HboneConnection, *, new: bool,
+                    stream_id: int | None) -> None:
+    """tls.handshake: the tunnel this connection rides, just opened (`new`) or reused from the pool.
+    `stream_id` is None when step mode shows the handshake before the CONNECT's stream exists."""
+    ssl_object = conn.writer.get_extra_info("ssl_object")
+    local = conn.writer.get_extra_info("sockname")[:2]
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    peer = getattr(conn, "peer_identity", None) or plan.expected_identities[0]
+    fields: dict[str, Any] = dict(
+        src_identity=str(source.identity), dst_identity=str(peer), expected=[str(i) for i in plan.expected_identities],
+        cipher=cipher[0] if cipher else "", tls_version=ssl_object.version() if ssl_object else "",
+        alpn=ssl_object.selected_alpn_protocol() if ssl_object else "", reused=not new, local=format_addr(local),
+        remote=format_addr(plan.hbone_dst))
+    if stream_id is not None:
+        fields["stream_id"] = stream_id
+    if new:
+        flow.emit("tls.handshake",
+                  f"mTLS from pod {source.name} ({format_addr(local)}, opened inside the pod with mark "
+                  f"{flow.pi.cfg.packet_mark}) to {format_addr(plan.hbone_dst)}: ztunnel presented {source.identity}, "
+                  f"the server presented {peer} as expected; {fields['tls_version']} {fields['cipher']}, "
+                  f"ALPN {fields['alpn']}", **fields)
+    else:
+        stream = f"HTTP/2 stream {stream_id}" if stream_id is not None else "a new HTTP/2 stream"
+        flow.emit("tls.handshake",
+                  f"ztunnel reused its pooled mTLS connection {format_addr(local)} -> "
+                  f"{format_addr(plan.hbone_dst)} ({source.identity} -> {peer}, {fields['cipher']}, ALPN "
+                  f"{fields['alpn']}): this connection becomes {stream} of that tunnel", **fields)
+
+
 async def proxy_to_tcp(flow: Flow, plan: Plan, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Plain TCP from inside the pod (mark 1337) to the plan's upstream, then copy."""
     pi = flow.pi
     upstream = plan.upstream
     assert upstream is not None
+    if pi.stepper.on:
+        await flow.hold("upstream", f"ztunnel will connect to {format_addr(upstream)} from inside pod {flow.pod} "
+                                    f"with mark {pi.cfg.packet_mark} (so the pod's rules let it out), plain TCP with "
+                                    f"no mTLS, and copy bytes both ways")
     flow.open()
     sock = pi.netns.run(lambda: upstream_socket(mark=pi.cfg.packet_mark))
     try:
@@ -170,6 +212,23 @@ async def proxy_to_hbone(flow: Flow, plan: Hbone, reader: asyncio.StreamReader,
         service_host=flow.dst_service, baggage=baggage_of(source), trace_id=flow.id)
     key = WorkloadKey(src_id=source.identity, dst_id=plan.expected_identities, src=flow.src[0],
                       dst=plan.hbone_dst, netns=pi.netns)
+    shown_handshake = False
+    if pi.stepper.on and pi.stepper.holds(flow.started, flow.id):
+        # Step mode: the mTLS handshake and the CONNECT become two steps (the pool does both in one go).
+        await flow.hold("mTLS handshake",
+                        f"ztunnel will open an mTLS connection from inside pod {source.name} to "
+                        f"{format_addr(plan.hbone_dst)} (or reuse its pooled one), presenting {source.identity} and "
+                        f"requiring the server to prove {', '.join(str(i) for i in plan.expected_identities)}")
+        try:
+            ahead, opened = await mesh.pool.connect_ahead(key)
+        except ProxyError:
+            flow.response_flags = "CONNECT"
+            raise
+        handshake_event(flow, source, plan, ahead, new=opened, stream_id=None)
+        shown_handshake = True
+        await flow.hold("CONNECT",
+                        f"ztunnel will send CONNECT {request.authority} on that mTLS connection with headers baggage, "
+                        f"forwarded and traceparent, then wait for the destination's answer")
     try:
         pooled = await mesh.pool.send_request(key, request.header_list())
     except ProxyError:
@@ -177,28 +236,10 @@ async def proxy_to_hbone(flow: Flow, plan: Hbone, reader: asyncio.StreamReader,
         raise
     conn, stream = pooled.connection, pooled.stream
     flow.stream = stream
-    ssl_object = conn.writer.get_extra_info("ssl_object")
     local = conn.writer.get_extra_info("sockname")[:2]
-    cipher = ssl_object.cipher() if ssl_object is not None else None
-    peer = pooled.peer_identity or plan.expected_identities[0]
-    flow.dst_identity = peer
-    fields = dict(src_identity=str(source.identity), dst_identity=str(peer),
-                  expected=[str(i) for i in plan.expected_identities], cipher=cipher[0] if cipher else "",
-                  tls_version=ssl_object.version() if ssl_object else "",
-                  alpn=ssl_object.selected_alpn_protocol() if ssl_object else "", reused=not pooled.new,
-                  local=format_addr(local), remote=format_addr(plan.hbone_dst), stream_id=stream.stream_id)
-    if pooled.new:
-        flow.emit("tls.handshake",
-                  f"mTLS from pod {source.name} ({format_addr(local)}, opened inside the pod with mark "
-                  f"{pi.cfg.packet_mark}) to {format_addr(plan.hbone_dst)}: ztunnel presented {source.identity}, "
-                  f"the server presented {peer} as expected; {fields['tls_version']} {fields['cipher']}, "
-                  f"ALPN {fields['alpn']}", **fields)
-    else:
-        flow.emit("tls.handshake",
-                  f"ztunnel reused its pooled mTLS connection {format_addr(local)} -> "
-                  f"{format_addr(plan.hbone_dst)} ({source.identity} -> {peer}, {fields['cipher']}, ALPN "
-                  f"{fields['alpn']}): this connection becomes HTTP/2 stream {stream.stream_id} of that tunnel",
-                  **fields)
+    if not shown_handshake:
+        handshake_event(flow, source, plan, conn, new=pooled.new, stream_id=stream.stream_id)
+    flow.dst_identity = pooled.peer_identity or plan.expected_identities[0]
     headers = {k: v for k, v in request.headers}
     flow.emit("hbone.connect.sent",
               f"ztunnel sent CONNECT {request.authority} on stream {stream.stream_id} with headers baggage, "

@@ -96,21 +96,20 @@ class WorkloadConnector:
         except OSError as e:
             sock.close()
             raise HboneConnectFailed(io_error(e)) from e
+        proved: list[Identity] = []  # the server's identity, checked before any HTTP/2 byte is sent
         try:
-            conn = await open_hbone_connection(key.dst[0], key.dst[1], ctx, sock=sock, timeout=self.connect_timeout,
-                                               max_streams=self.max_streams)
+            conn = await open_hbone_connection(
+                key.dst[0], key.dst[1], ctx, sock=sock, timeout=self.connect_timeout, max_streams=self.max_streams,
+                verify=lambda ssl_object: proved.append(verify_server_identity(ssl_object, key.dst_id)))
+        except IdentityMismatch as e:
+            raise HboneConnectFailed(f"{e}: {e.detail()}") from e
         except ssl.SSLError as e:
             sock.close()
             raise HboneConnectFailed(f"tls handshake error: {e.reason or e}") from e
         except (OSError, HboneError) as e:
             sock.close()
             raise HboneConnectFailed(str(e) if isinstance(e, HboneError) else io_error(e)) from e
-        try:
-            peer = verify_server_identity(conn.writer.get_extra_info("ssl_object"), key.dst_id)
-        except IdentityMismatch as e:
-            await conn.aclose()
-            raise HboneConnectFailed(f"{e}: {e.detail()}") from e
-        conn.peer_identity = peer  # type: ignore[attr-defined]  # which expected identity the server proved
+        conn.peer_identity = proved[0]  # type: ignore[attr-defined]  # which expected identity the server proved
         return conn
 
 
@@ -142,6 +141,12 @@ class WorkloadHbonePool:
         before = self._pool.connections_opened
         conn, stream = await self._pool.checkout(key, header_list)
         return PooledStream(conn, stream, new=self._pool.connections_opened != before and conn.streams_opened == 1)
+
+    async def connect_ahead(self, key: WorkloadKey) -> tuple[HboneConnection, bool]:
+        """Step mode: make sure a tunnel for `key` with a free stream exists (opening it now: TCP,
+        mTLS, identity check; True if it was opened), so the learner sees the handshake as a step
+        of its own before the CONNECT. `send_request` then uses it. Raises ProxyError."""
+        return await self._pool.reserve(key)
 
     @property
     def connections_opened(self) -> int:
