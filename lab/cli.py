@@ -394,7 +394,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(reply.get("metrics", "").rstrip("\n"))
     if args.node:
         return rc
-    from .waypoint.admin import admin_request
+    from .admin_socket import admin_request
 
     for w in request(args, "waypoints", all_namespaces=True)["waypoints"]:
         try:

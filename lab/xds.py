@@ -20,6 +20,7 @@ are plain dicts with the field names of workload.proto / authorization.proto.
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +29,24 @@ AUTHORIZATION_TYPE = "type.googleapis.com/istio.security.Authorization"
 TYPE_URLS = (ADDRESS_TYPE, AUTHORIZATION_TYPE)
 XDS_PORT = 15012
 MAX_LINE = 16 * 1024 * 1024
+#: The ALPN of the lab's istiod port: JSON lines, not gRPC's "h2".
+XDS_ALPN = "istio-xds-lab"
+
+
+def client_tls_context(root_pem: bytes) -> ssl.SSLContext:
+    """The client side of a connection to istiod (xDS and CA), for ztunnel and the waypoint: TLS 1.3,
+    istiod's certificate must chain to the mesh root (`root-cert.pem`); no hostname check (istiod is
+    named by the SPIFFE URI in its certificate, checked after the handshake with
+    lab.tls.contexts.verify_server_identity); no client certificate (the caller presents its
+    node's token instead). Connect with server_hostname="" (no SNI)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols([XDS_ALPN])
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.load_verify_locations(cadata=root_pem.decode("ascii"))
+    return ctx
 
 
 @dataclass

@@ -43,10 +43,12 @@ from lab.istiod.ca_server import CaServer
 from lab.istiod.xds_server import DiscoveryServer, XdsConnection, XdsRejected
 from lab.tls.certificate import WorkloadCertificate
 from lab.tls.csr import generate_key, private_key_pem
-from lab.xds import (
+from lab.xds import (  # noqa: F401 - client_tls_context: the client side istiod's tests and peers use
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
     MAX_LINE,
+    XDS_ALPN,
+    client_tls_context,
     CreateCertificateRequest,
     DeltaDiscoveryRequest,
     XdsProtocolError,
@@ -55,7 +57,6 @@ from lab.xds import (
 )
 
 #: The ALPN protocol of the lab's xDS/CA port (real istiod speaks gRPC over h2).
-XDS_ALPN = "istio-xds-lab"
 ISTIOD_IDENTITY = Identity.of("istio-system", "istiod")
 ROOT_CERT_FILE = "root-cert.pem"
 ISTIOD_CERT_TTL = timedelta(days=90)
@@ -142,21 +143,6 @@ def server_tls_context(cert: WorkloadCertificate) -> ssl.SSLContext:
     with tempfile.TemporaryDirectory(prefix="ambient-lab-istiod-") as tmp:
         cert_path, key_path = cert.write_files(tmp)
         ctx.load_cert_chain(cert_path, key_path)
-    return ctx
-
-
-def client_tls_context(root_pem: bytes) -> ssl.SSLContext:
-    """What a ztunnel uses to reach istiod: TLS 1.3, verify istiod's chain against the root
-    (`root-cert.pem`), ALPN istio-xds-lab. After the handshake, check istiod's identity with
-    lab.tls.contexts.verify_server_identity(ssl_object, [ISTIOD_IDENTITY]). Connect with
-    server_hostname="" (no SNI)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.set_alpn_protocols([XDS_ALPN])
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.load_verify_locations(cadata=root_pem.decode("ascii"))
     return ctx
 
 

@@ -511,18 +511,22 @@ class HboneUpstream:
 
     async def _connect(self, dst: tuple[str, int]) -> HboneConnection:
         ctx = await self.client_context()
+        identity: list[Any] = []
+
+        def verify(ssl_object: Any) -> None:
+            """Envoy's SAN matcher runs inside the handshake: check before any HTTP/2 byte is sent."""
+            presented = identities_in_cert(peer_certificate(ssl_object))
+            peer = matching_san(presented, self.san_prefix)
+            if peer is None:
+                raise UpstreamConnectError(f"peer did not present the expected SAN: wanted a URI starting with "
+                                           f"{self.san_prefix}, got {[str(i) for i in presented]}")
+            identity.append(peer)
+
         try:
-            conn = await open_hbone_connection(dst[0], dst[1], ctx, timeout=self.connect_timeout)
+            conn = await open_hbone_connection(dst[0], dst[1], ctx, timeout=self.connect_timeout, verify=verify)
         except (OSError, HboneError) as e:
             raise UpstreamConnectError(f"HBONE connect to {dst[0]}:{dst[1]} failed: {e}") from e
-        ssl_object = conn.writer.get_extra_info("ssl_object")
-        presented = identities_in_cert(peer_certificate(ssl_object)) if ssl_object is not None else []
-        peer = matching_san(presented, self.san_prefix)
-        if ssl_object is not None and peer is None:
-            await conn.aclose()
-            raise UpstreamConnectError(f"peer did not present the expected SAN: wanted a URI starting with "
-                                       f"{self.san_prefix}, got {[str(i) for i in presented]}")
-        conn.peer_identity = peer  # type: ignore[attr-defined]
+        conn.peer_identity = identity[0] if identity else None  # type: ignore[attr-defined]
         return conn
 
     async def __call__(self, endpoint: Endpoint, request: HboneRequest) -> UpstreamTunnel:

@@ -58,7 +58,8 @@ from lab.hbone import serve_hbone
 from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.tls.certificate import NoPeerIdentity, WorkloadCertificate
 from lab.tls.contexts import PeerVerificationError, verify_client_trust_domain
-from lab.waypoint.admin import admin_response, config_dump, start_admin, stop_admin
+from lab.admin_socket import admin_response, start_admin, stop_admin
+from lab.waypoint.admin import config_dump
 from lab.waypoint.config import WaypointNotFound, build_waypoint_config
 from lab.waypoint.flows import FlowFile
 from lab.waypoint.proxy import HboneUpstream, TunnelPeer, WaypointProxy, upstream_san_prefix

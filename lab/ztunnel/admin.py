@@ -40,12 +40,7 @@ config_dump entries (what ``istioctl zc`` prints as columns):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import os
-import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -58,32 +53,10 @@ from lab.ztunnel.state import GatewayAddress, ProxyState, Service, Workload
 if TYPE_CHECKING:
     from lab.ztunnel.identity_manager import IdentityManager
 
-#: Largest admin request line accepted.
-ADMIN_MAX_LINE = 64 * 1024
 OPS = ("workloads", "connections", "ready", "config_dump", "metrics")
 
 
 # ------------------------------------------------------------------------------------ answers
-def admin_response(request: Any, ops: Mapping[str, Callable[[], Any]],
-                   commands: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None) -> dict[str, Any]:
-    """Answer one admin request with the reader registered for its op, or with the command (an op
-    that takes the request's fields, e.g. step mode's) registered for it; a command's ValueError
-    is the answer's error (pure apart from calling them)."""
-    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-        return {"error": 'expected a JSON object like {"op": "workloads"}'}
-    op = request["op"]
-    commands = commands or {}
-    if op in commands:
-        try:
-            return {op: commands[op](request)}
-        except (ValueError, TypeError) as e:
-            return {"error": f"{op}: {e}"}
-    reader = ops.get(op)
-    if reader is None:
-        return {"error": f"unknown op {op!r}; one of: {', '.join([*ops, *commands])}"}
-    return {op: reader()}
-
-
 def rfc3339(moment: datetime) -> str:
     """`2026-01-02T03:04:05Z`, the time format of istioctl's certificate columns."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -165,40 +138,3 @@ def config_dump(state: ProxyState, certificates: list[dict[str, Any]],
         "certificates": certificates,
         "connections": list(connections),
     }
-
-
-# ------------------------------------------------------------------------------------ the server
-def _remove_stale_socket(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-
-
-async def start_admin(path: str, answer: Callable[[Any], dict[str, Any]]) -> asyncio.AbstractServer:
-    """Serve the admin protocol on a unix stream socket at `path`."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                try:
-                    request = json.loads(line)
-                except ValueError as e:
-                    reply = {"error": f"not JSON: {e}"}
-                else:
-                    reply = answer(request)
-                writer.write(json.dumps(reply, separators=(",", ":"), default=str).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, ValueError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-
-    _remove_stale_socket(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return await asyncio.start_unix_server(serve, path=path, limit=ADMIN_MAX_LINE)
-
-
-def stop_admin(server: asyncio.AbstractServer, path: str) -> None:
-    server.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -35,13 +35,8 @@ from typing import Any
 
 from lab.events import EventEmitter
 from lab.ztunnel import access_log
-from lab.ztunnel.admin import (
-    admin_response,
-    certificate_dump,
-    config_dump,
-    start_admin,
-    stop_admin,
-)
+from lab.admin_socket import admin_response, start_admin, stop_admin
+from lab.ztunnel.admin import certificate_dump, config_dump
 from lab.ztunnel.cert_fetcher import CertFetcher
 from lab.ztunnel.config import Config, parse_config
 from lab.ztunnel.identity_manager import CaClient, IdentityManager

@@ -46,7 +46,7 @@ from lab.netns import entered
 from lab.tls.certificate import WorkloadCertificate
 from lab.tls.contexts import client_context, verify_server_identity
 from lab.tls.csr import build_csr, generate_key, private_key_pem
-from lab.waypoint.admin import admin_request
+from lab.admin_socket import admin_request
 from lab.ztunnel.identity_manager import CaClient
 from lab.ztunnel.metrics import parse_exposition
 from tests.conftest import require_root

@@ -15,7 +15,7 @@ from lab.errors import LabError
 from lab.model import Node
 from lab.supervisor import stepping
 from lab.supervisor.stepping import ProxyAdmin, StepControl, proxy_admins, render_held, resolve_flow
-from lab.ztunnel.admin import admin_response, start_admin, stop_admin
+from lab.admin_socket import admin_response, start_admin, stop_admin
 from lab.ztunnel.stepper import Stepper
 
 A = "ab" * 16

@@ -27,7 +27,8 @@ import pytest
 from lab.hbone import ConnectRequest, HboneConnection, HboneHttpError, HboneStream, serve_hbone
 from lab.hbone.headers import Baggage, create_hbone_request, parse_forwarded, parse_traceparent
 from lab.identity import Identity
-from lab.waypoint.admin import admin_response, config_dump
+from lab.admin_socket import admin_response
+from lab.waypoint.admin import config_dump
 from lab.waypoint.config import build_waypoint_config
 from lab.waypoint.flows import FlowFile, format_flow_line, read_flows
 from lab.waypoint.proxy import (HboneUpstream, HttpError, HttpReader, TunnelPeer, WaypointProxy, matching_san,

@@ -36,6 +36,7 @@ from lab.tls.contexts import PeerVerificationError, verify_server_identity
 from lab.xds import (
     MAX_LINE,
     TYPE_URLS,
+    client_tls_context,
     DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,
     XdsProtocolError,
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 15.0
 CONNECT_TIMEOUT = 10.0
-#: The ALPN of the lab's istiod (lab/istiod/server.py XDS_ALPN): JSON lines, not gRPC's "h2".
-XDS_ALPN = "istio-xds-lab"
 #: Who istiod is in the lab: its certificate's URI SAN (real istiod's certificate carries the DNS
 #: name of its service, istiod.istio-system.svc, which ztunnel checks instead).
 ISTIOD_IDENTITY = Identity.of("istio-system", "istiod")
@@ -71,19 +70,7 @@ def parse_address(address: Address) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def istiod_client_context(root_pem: bytes) -> ssl.SSLContext:
-    """The client side of ztunnel's connection to istiod (xDS and CA): TLS 1.3, istiod's
-    certificate must chain to the mesh root; no hostname check (the lab's istiod is named by the
-    SPIFFE URI in its certificate, checked after the handshake by `open_istiod_connection`);
-    no client certificate (ztunnel authenticates with its token)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.set_alpn_protocols([XDS_ALPN])
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.load_verify_locations(cadata=root_pem.decode("ascii"))
-    return ctx
+istiod_client_context = client_tls_context  # ztunnel's name for it
 
 
 async def open_istiod_connection(address: tuple[str, int], ctx: ssl.SSLContext, expected: Identity | None,
