@@ -1,3 +1,5 @@
+"""`python -m lab`: the same as the `ambient-lab` command."""
+
 import sys
 
 from .cli import main

@@ -1,3 +1,5 @@
+"""`python -m lab.supervisor --name LAB ...`: the lab supervisor process (started by `ambient-lab up`)."""
+
 import sys
 
 from .server import main
