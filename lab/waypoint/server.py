@@ -66,6 +66,7 @@ from lab.waypoint.proxy import HboneUpstream, TunnelPeer, WaypointProxy, upstrea
 from lab.waypoint.telemetry import Metrics
 from lab.ztunnel.identity_manager import CaClient, CertificateUnavailable, IdentityManager
 from lab.ztunnel.stepper import Stepper
+from lab.ztunnel.main import wait_for_file, write_access_log  # the same bootstrap and access-log output
 from lab.ztunnel.tls_workload import WorkloadTls
 
 log = logging.getLogger("waypoint")
@@ -147,28 +148,6 @@ def _setup_logging() -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-
-
-def write_access_log(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-async def wait_for_file(path: str, stop: asyncio.Event, what: str, every: float = 0.2) -> bytes | None:
-    """The contents of `path` once it exists and is not empty (None if stopped first)."""
-    announced = False
-    while not stop.is_set():
-        try:
-            data = Path(path).read_bytes()
-            if data.strip():
-                return data
-        except OSError as e:
-            if not announced:
-                log.warning("waiting for %s at %s: %s", what, path, e)
-                announced = True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), every)
-    return None
 
 
 def snapshot_watch(lab: str, deliver: Any, stopping: threading.Event, retry: float = 1.0) -> None:
