@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from ..errors import LabError
+from . import capture
 from .commands import POD_TABS, Request, pod_tab_commands
 from .model import PodState
 
@@ -144,6 +145,21 @@ class Backend(ABC):
         """Let a held flow (or "*": every one) take one step (`scope` "step") or run to its end ("flow")."""
         return self.request("step_release", flow=flow, scope=scope)
 
+    # -- the wire view's captures (lab/tui/capture.py) --------------------------------------------
+    capture_at_once = False  # True: `collect_capture` right after `arm_capture` (nothing to wait for)
+
+    def capture_support(self) -> tuple[bool, str]:
+        """Can the wire view capture a pod's eth0 and lo (tcpdump), and why not?"""
+        return False, "captures need a live lab and root (sudo ambient-lab tui)"
+
+    def arm_capture(self, pod: PodState) -> str:
+        """Start capturing `pod`'s eth0 (HBONE) and lo (the app's plain text); says what to do next."""
+        raise LabError(self.capture_support()[1])
+
+    def collect_capture(self, pod: PodState) -> capture.Capture:
+        """Stop the capture armed on `pod` and decode it (blocking: call it from a worker thread)."""
+        raise LabError(self.capture_support()[1])
+
     def now(self) -> float:
         return time.time()
 
@@ -169,6 +185,7 @@ class LiveBackend(Backend):
         self.step_on = False  # live step mode, as this TUI last set or saw it
         self._exit_hooks = False
         self._old_handlers: dict[int, Any] = {}
+        self._captures: dict[str, capture.LiveCapture] = {}  # pod key -> the capture armed on it
 
     def start(self) -> None:
         self._install_signal_handlers()
@@ -182,6 +199,8 @@ class LiveBackend(Backend):
         finally:
             self._stop.set()
             self._restore_signals()
+            for key in list(self._captures):  # no tcpdump outlives the TUI, no pcap stays behind
+                self._captures.pop(key).discard()
 
     # -- step mode: never leave a flow held behind ----------------------------------------------
     def set_step_mode(self, on: bool) -> dict:
@@ -360,6 +379,35 @@ class LiveBackend(Backend):
         except OSError as e:
             return f"cannot read {path}: {e}"
 
+    def capture_support(self) -> tuple[bool, str]:
+        if os.geteuid() != 0:
+            return False, "captures run tcpdump inside the pod's namespace: run the TUI as root (sudo ambient-lab tui)"
+        return True, "c: capture the next flow from this pod (tcpdump on its eth0 and lo, decrypted with the lab's key log)"
+
+    def arm_capture(self, pod: PodState) -> str:
+        ok, why = self.capture_support()
+        if not ok:
+            raise LabError(why)
+        from ..state import run_dir
+        from ..supervisor.components import tls_keylog
+
+        old = self._captures.pop(pod.key, None)
+        if old is not None:
+            old.discard()
+        cap = capture.LiveCapture(pod.name, self._netns(pod), pod.ip, run_dir(self.lab), tls_keylog(self.lab))
+        cap.start()
+        if not cap.running():
+            cap.discard()
+            raise LabError(f"tcpdump did not start in pod {pod.name}'s namespace")
+        self._captures[pod.key] = cap
+        return f"capturing on {pod.name}'s eth0 and lo: repeat the request now"
+
+    def collect_capture(self, pod: PodState) -> capture.Capture:
+        cap = self._captures.pop(pod.key, None)
+        if cap is None:
+            return capture.Capture(pod.name, note="no capture was armed on this pod")
+        return cap.collect()
+
     def step_support(self) -> tuple[bool, str]:
         try:
             reply = self.request("step_held")
@@ -382,8 +430,11 @@ class RecordedBackend(Backend):
 
     Layout: `lab.json` ({"lab": name}), `events.jsonl` (`ambient-lab trace -o json`),
     `snapshot.json` (one `watch_cluster` snapshot), `components.json`, `get/<kind>.json`
-    (`ambient-lab get KIND -A -o json`), `pods/<pod>/<tab>.txt` (iptables, sockets, network) and
-    `logs/<pod or component_node>.log`.
+    (`ambient-lab get KIND -A -o json`), `pods/<pod>/<tab>.txt` (iptables, sockets, network; a
+    later read of the same tab, if recorded, in `<tab>.2.txt`, `<tab>.3.txt`...: each read of the
+    tab serves the next one, then the last again), `logs/<pod or component_node>.log`, and
+    `captures/<pod>/eth0.tsv`, `lo.tsv`: tshark's field output (capture.WIRE_FIELDS,
+    capture.PLAIN_FIELDS) of one capture of that pod around a curl.
 
     `rate` replays the events at that many per second in a loop, each pass with fresh flow ids
     and timestamps (the responsiveness bench); otherwise everything is queued by `start()`.
@@ -404,6 +455,7 @@ class RecordedBackend(Backend):
         self.replayed = 0
         self.feed_started = self.feed_ended = 0.0
         self._clock = max((e.get("ts", 0) for e in self.events), default=0.0) + 1.0
+        self._reads: dict[tuple[str, str], int] = {}  # (pod, tab) -> how many times it was read
 
     def start(self) -> None:
         self.post({"status": f"recorded: {self.lab} ({len(self.events)} events)"})
@@ -481,11 +533,33 @@ class RecordedBackend(Backend):
     def pod_output(self, pod: PodState, tab: str) -> str:
         if tab not in POD_TABS:
             raise ValueError(tab)
-        path = self.dir / "pods" / pod.name / f"{tab}.txt"
+        n = self._reads[(pod.name, tab)] = self._reads.get((pod.name, tab), 0) + 1
+        later = [self.dir / "pods" / pod.name / f"{tab}.{i}.txt" for i in range(n, 1, -1)]
+        path = next((p for p in later if p.exists()), self.dir / "pods" / pod.name / f"{tab}.txt")
         if path.exists():
             return path.read_text()
         have = sorted(p.name for p in (self.dir / "pods").iterdir()) if (self.dir / "pods").is_dir() else []
         return (f"(this recording has no {tab} output for {pod.name}; it has it for: {', '.join(have) or 'no pod'})")
+
+    capture_at_once = True
+
+    def capture_support(self) -> tuple[bool, str]:
+        have = (self.dir / "captures").is_dir()
+        return have, ("c: show the capture recorded with this lab (a curl from the pod, on its eth0 and lo)" if have
+                      else "this recording has no capture")
+
+    def arm_capture(self, pod: PodState) -> str:
+        return f"this is a recording: showing the capture recorded on {pod.name}"
+
+    def collect_capture(self, pod: PodState) -> capture.Capture:
+        d = self.dir / "captures" / pod.name
+        if not (d / "eth0.tsv").exists():
+            have = sorted(p.name for p in (self.dir / "captures").iterdir()) if (self.dir / "captures").is_dir() else []
+            return capture.Capture(pod.name, note=f"this recording has no capture of {pod.name}; it has one of: "
+                                                  f"{', '.join(have) or 'no pod'}")
+        lo = (d / "lo.tsv").read_text() if (d / "lo.tsv").exists() else ""
+        return capture.Capture(pod.name, capture.parse_wire_fields((d / "eth0.tsv").read_text(), pod.ip),
+                               capture.parse_plain_fields(lo, pod.ip), note=f"recorded on {pod.name}'s eth0 and lo")
 
     def logs(self, pod: PodState | None = None, component: str = "", node: str = "") -> str:
         name = pod.name if pod is not None else f"{component}_{node}"

@@ -3,8 +3,11 @@
     sudo .venv/bin/python -m tests.tui.record_fixtures [--scenario bookinfo|race|stepping] [--out DIR]
 
 `bookinfo` (tests/tui/fixtures/bookinfo): lab `tuirec` with bookinfo + curl + sleep; namespace
-`default` put in ambient; curl productpage from the curl pod (allowed); Istio's getting-started
-L4 policy that only lets the ingress gateway's identity reach productpage; curl again (denied).
+`default` put in ambient; curl productpage from the curl pod (allowed), captured on the curl pod's
+eth0 and lo (`captures/`: the wire view's sample); Istio's getting-started L4 policy that only lets
+the ingress gateway's identity reach productpage; curl again (denied). After the pod views are
+read, the policy is deleted and one more curl goes through: productpage's iptables read again
+(`iptables.2.txt`: the counters of the rules that curl hit moved).
 
 `race` (tests/tui/fixtures/race): Istio's start-up race (reference §7.1): namespace `default` is
 ambient from the start but the lab starts its pods before istio-cni (`--no-cni-taint`), so they
@@ -53,11 +56,32 @@ def curl(note: str) -> str:
     return r.stdout
 
 
-def play_bookinfo() -> list[str]:
+def capture_curl(note: str) -> tuple[str, dict[str, str]]:
+    """A curl captured on the curl pod's eth0 and lo (lab/tui/capture.py); tshark's field outputs."""
+    from lab.state import run_dir
+    from lab.supervisor.client import call
+    from lab.supervisor.components import tls_keylog
+    from lab.tui import capture
+
+    pod = call(LAB, "resolve_pod", ref="deploy/curl")
+    cap = capture.LiveCapture(pod["pod"], pod["netns"], pod["ip"], run_dir(LAB), tls_keylog(LAB))
+    cap.start()
+    try:
+        code = curl(note)
+        time.sleep(0.5)
+        cap.stop()
+        wire, plain = cap.decode(tls_keylog(LAB))
+        opaque, _ = cap.decode("")
+    finally:
+        cap.discard()
+    return code, {"pod": pod["pod"], "eth0.tsv": wire, "eth0.no-keylog.tsv": opaque, "lo.tsv": plain}
+
+
+def play_bookinfo(extras: dict) -> list[str]:
     lab("up", "-q")
     lab("label", "namespace", "default", "istio.io/dataplane-mode=ambient")
     time.sleep(1.0)
-    allowed = curl("before the policy")
+    allowed, extras["capture"] = capture_curl("before the policy, captured")
     lab("apply", "-n", "default", "-f", str(POLICY))
     time.sleep(1.5)  # istiod pushes the policy to the ztunnels
     denied = curl("after the policy")
@@ -174,8 +198,9 @@ def record(out: Path, scenario: str) -> None:
     from lab.tui.model import PodState
 
     with tempfile.TemporaryDirectory() as tmp:
+        extras: dict = {}
         story = play_race(Path(tmp)) if scenario == "race" else play_stepping() if scenario == "stepping" \
-            else play_bookinfo()
+            else play_bookinfo(extras)
 
     if out.exists():
         shutil.rmtree(out)
@@ -205,6 +230,19 @@ def record(out: Path, scenario: str) -> None:
         (out / "logs" / f"{pod.name}.log").write_text(live.logs(pod))
     for n in snapshot["nodes"]:
         (out / "logs" / f"ztunnel_{n['name']}.log").write_text(live.logs(component="ztunnel", node=n["name"]))
+    if "capture" in extras:
+        cap = dict(extras["capture"])
+        cap_dir = out / "captures" / cap.pop("pod")
+        cap_dir.mkdir(parents=True)
+        for name, text in cap.items():
+            (cap_dir / name).write_text(text)
+        lab("delete", "-n", "default", "-f", str(POLICY))
+        time.sleep(1.5)
+        story.append(f"deleted the policy; curl again, then productpage's iptables read again: HTTP {curl('again')}")
+        for p in snapshot["pods"]:
+            if p["name"].startswith("productpage-v1-"):
+                pod = PodState(name=p["name"], namespace=p["namespace"], ip=p["ip"], netns=netns.get(p["name"], ""))
+                (out / "pods" / pod.name / "iptables.2.txt").write_text(live.pod_output(pod, "iptables"))
     (out / "lab.json").write_text(json.dumps({"lab": LAB, "scenario": scenario,
                                               "recorded": time.strftime("%Y-%m-%d %H:%M:%S"), "story": story},
                                              indent=1) + "\n")

@@ -20,12 +20,13 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static, TabbedContent, TabPane
 
 from ...errors import LabError
-from .. import resources
+from .. import iptables_view, resources
 from ..commands import POD_TABS
 from .base import LabScreen
 from .flows import flow_cells
 
 TABS = ("overview", "events", "flows", *POD_TABS)
+LIVE_REREAD_EVERY = 2.0  # seconds between re-reads of the iptables tab while it is shown (live labs)
 
 
 class PodScreen(LabScreen):
@@ -46,6 +47,8 @@ class PodScreen(LabScreen):
         self.pod_key = pod_key
         self.initial_tab = tab
         self.outputs: dict[str, str] = {}
+        self.previous: dict[str, str] = {}  # the read before the one shown (iptables: what moved since)
+        self._reading: set[str] = set()  # tabs being read now (one read at a time per tab)
 
     def view_title(self) -> str:
         return f"pod {self.pod_key}"
@@ -66,6 +69,13 @@ class PodScreen(LabScreen):
     def on_mount(self) -> None:
         if self.initial_tab in POD_TABS:
             self.load_tab(self.initial_tab)
+        if self.lab.backend.live:
+            self.set_interval(LIVE_REREAD_EVERY, self._reread_counters)
+
+    def _reread_counters(self) -> None:
+        """While the iptables tab is shown, read the counters again (the rule a flow hits lights up)."""
+        if self.is_current and self.active_tab == "iptables":
+            self.load_tab("iptables")
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         tab = event.pane.id or ""
@@ -96,10 +106,18 @@ class PodScreen(LabScreen):
     def action_yaml(self) -> None:
         self.lab.show_yaml("pods", self.pod_key)
 
-    @work(thread=True, group="pod-tab")
     def load_tab(self, tab: str) -> None:
+        """Run the tab's command again (not while it is still running)."""
+        if tab in self._reading:
+            return
+        self._reading.add(tab)
+        self._read_tab(tab)
+
+    @work(thread=True, group="pod-tab")
+    def _read_tab(self, tab: str) -> None:
         pod = self.pod
-        self.app.call_from_thread(self._show_tab, tab, "loading...")
+        if tab not in self.outputs:
+            self.app.call_from_thread(self._show_tab, tab, "loading...")
         if pod is None:
             text = f"pod {self.pod_key} is gone"
         else:
@@ -107,10 +125,22 @@ class PodScreen(LabScreen):
                 text = self.lab.backend.pod_output(pod, tab)
             except LabError as e:
                 text = f"error: {e.message}"
+        self.app.call_from_thread(self._loaded, tab, text)
+
+    def _loaded(self, tab: str, text: str) -> None:
+        self._reading.discard(tab)
+        if tab in self.outputs:
+            self.previous[tab] = self.outputs[tab]
         self.outputs[tab] = text
-        self.app.call_from_thread(self._show_tab, tab, text)
+        self._show_tab(tab, text)
 
     def _show_tab(self, tab: str, text: str) -> None:
+        if tab == "iptables" and text == self.outputs.get(tab):
+            previous = self.previous.get(tab)
+            head = iptables_view.summary(text, previous)
+            body = iptables_view.render(text, previous)
+            self.query_one(f"#tab-{tab}", Static).update(Text.assemble(head + "\n\n", body) if head else body)
+            return
         self.query_one(f"#tab-{tab}", Static).update(Text(text))
 
     def update_view(self, dirty, flow_changes, full) -> None:
