@@ -28,4 +28,8 @@ def run(lab: str, files: list[str] | None = None, down_on_exit: bool = False, st
             from ..cli import down_one
 
             down_one(lab)
+        elif getattr(backend, "live", True):
+            import sys
+
+            print(f"lab {lab!r} is still running: `sudo ambient-lab down --name {lab}` removes it", file=sys.stderr)
     return app.return_code or 0

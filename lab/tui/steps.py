@@ -30,6 +30,32 @@ STEP_TITLES: dict[str, str] = {
     "conn.failed": "failed",
 }
 
+# kind -> where to read more: the lab's module beside the real source it mirrors, and the docs page.
+_DOCS = "istio.io/latest/docs/ambient/architecture"
+STEP_REFERENCES: dict[str, str] = {
+    "conn.captured": f"lab/cni/iptables.py (istio cni/pkg/iptables/iptables.go); {_DOCS}/traffic-redirection/",
+    "conn.original_dst": "lab/ztunnel/socket.py (ztunnel src/socket.rs: SO_ORIGINAL_DST)",
+    "conn.plan": "lab/ztunnel/proxy/decision.py (ztunnel src/proxy/outbound.rs build_request)",
+    "tls.certificate": "lab/ztunnel/identity_manager.py (ztunnel src/identity/manager.rs)",
+    "tls.handshake": f"lab/tls/contexts.py (ztunnel src/tls/); {_DOCS}/hbone/",
+    "hbone.connect.sent": f"lab/hbone/headers.py (ztunnel src/proxy/outbound.rs create_hbone_request); {_DOCS}/hbone/",
+    "hbone.connect.received": "lab/ztunnel/proxy/inbound.py (ztunnel src/proxy/inbound.rs)",
+    "rbac.decision": "lab/ztunnel/rbac.py (ztunnel src/rbac.rs); istio.io/latest/docs/ambient/usage/l4-policy/",
+    "conn.upstream": "lab/ztunnel/proxy/inbound.py (ztunnel src/proxy/inbound.rs: the client IP is kept)",
+    "hbone.response": "lab/ztunnel/proxy/inbound.py (ztunnel src/proxy/inbound.rs build_response)",
+    "conn.closed": "lab/ztunnel/access_log.py (ztunnel src/proxy/metrics.rs: connection complete)",
+    "conn.failed": "lab/ztunnel/access_log.py (ztunnel src/proxy.rs: the error texts)",
+    "waypoint.route": "lab/waypoint/routes.py (Gateway API HTTPRoute; istio pilot/pkg/networking/core/waypoint.go)",
+    "waypoint.authz": "lab/waypoint/authz.py (Envoy RBAC filter); istio.io/latest/docs/ambient/usage/l7-features/",
+    "waypoint.tunnel.out": "lab/waypoint/proxy.py (istio cluster_waypoint.go connect_originate)",
+}
+
+
+def step_reference(kind: str) -> str:
+    """Where a learner reads more about this step (the lab's module and the real source), or ""."""
+    return STEP_REFERENCES.get(kind, "")
+
+
 # Words in a failure that mean "a policy said no" (ztunnel logs RBAC denials this way).
 DENIAL_WORDS = ("rbac", "denied", "authorization", "not allowed", "forbidden", "401")
 

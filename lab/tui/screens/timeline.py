@@ -25,7 +25,7 @@ from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
 from ..model import Flow, HeldStep, Step
-from ..steps import format_details, is_denial
+from ..steps import format_details, is_denial, step_reference
 from .base import LabScreen
 from .flows import STATUS_STYLE, clock
 
@@ -115,6 +115,9 @@ def step_details(flow: Flow, step: Step) -> Table:
     grid.add_row("", "")
     for k, v in format_details(step.fields):
         grid.add_row(k, Text(v))
+    if ref := step_reference(step.kind):
+        grid.add_row("", "")
+        grid.add_row("read", Text(ref))
     return grid
 
 
