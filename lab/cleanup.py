@@ -7,13 +7,14 @@ removes nothing twice and fails on nothing already gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import time
 
 from . import netns
-from .state import LabRecord, ProcessEntry, is_alive, run_dir
+from .state import RUN_ROOT, LabRecord, ProcessEntry, is_alive, run_dir
 
 
 def stop_processes(entries: list[ProcessEntry], grace: float = 0.5) -> None:
@@ -51,3 +52,5 @@ def teardown(record: LabRecord, include_supervisor: bool = True) -> None:
         elif os.path.lexists(p):
             os.unlink(p)
     shutil.rmtree(run_dir(record.lab), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(RUN_ROOT)  # the last lab out removes the lab's root directory (never while others run)
