@@ -88,11 +88,6 @@ def allocate_service_ip(namespace: str, name: str, used: set[str]) -> str:
     raise RuntimeError("service CIDR 10.96.0.0/16 is full")
 
 
-def netns_name(lab: str, kind: str, *parts: str) -> str:
-    """`<lab>-fabric`, or `<lab>-<namespace>-<pod>` for a pod. Node namespaces are the node names."""
-    return "-".join((lab, kind, *parts)) if kind == "fabric" else "-".join((lab, *parts))
-
-
 def pod_netns(lab: str, namespace: str, pod: str) -> str:
     return f"{lab}-{namespace}-{pod}"
 

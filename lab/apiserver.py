@@ -8,14 +8,12 @@ the supervisor then makes the kernel match it (lab/kubelet.py, lab/kubeproxy.py)
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
 from . import addressing, scheduler
 from .apps import app_for_image
 from .errors import LabError, ManifestError, NotFound
-from .manifests import DEFAULT_NAMESPACE
 from .model import (
     Deployment,
     Namespace,
@@ -257,9 +255,6 @@ class ApiServer:
                 warnings.append(f"service {svc.namespace}/{svc.name}: selector {sel} matches no pod (at {svc.source})")
         return warnings
 
-    def snapshot(self) -> "ApiServer":
-        return copy.deepcopy(self)
-
 
 def resolve_target_port(target: int | str, pod: Pod) -> int:
     """A Service's targetPort: a number as is, a name looked up in the pod's container ports."""
@@ -271,6 +266,3 @@ def resolve_target_port(target: int | str, pod: Pod) -> int:
                 return p.container_port
     return 0
 
-
-def default_namespace(ns: str | None) -> str:
-    return ns or DEFAULT_NAMESPACE

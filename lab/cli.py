@@ -334,31 +334,20 @@ def follow_files(files: list[tuple[str, str]]) -> int:
         return 0
 
 
-def ztunnel_admin(args: argparse.Namespace, op: str) -> list[tuple[str, object]]:
-    """Ask every node's ztunnel (or --node's) over its admin socket: [(node, reply)]."""
-    import json
-    import socket
-
+def ztunnel_admin(args: argparse.Namespace, op: str) -> list[tuple[str, object, str]]:
+    """Ask every node's ztunnel (or --node's) over its admin socket: [(node, answer, error)]."""
+    from .admin_socket import admin_request
     from .supervisor.components import NodeSockets
-    from .model import Node
 
     lab = lab_name(args)
-    out = []
+    out: list[tuple[str, object, str]] = []
     for n in request(args, "status")["nodes"]:
         if args.node and args.node not in (n["name"], n["name"].removeprefix(lab + "-")):
             continue
-        node = Node(name=n["name"], index=0, role="", ip=n["ip"], pod_cidr=n["pod_cidr"], netns=n["netns"])
-        path = NodeSockets.of(lab, node).ztunnel_admin
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(10)
-                s.connect(path)
-                with s.makefile("rwb") as f:
-                    f.write((json.dumps({"op": op}) + "\n").encode())
-                    f.flush()
-                    out.append((n["name"], json.loads(f.readline())))
-        except OSError as e:
-            out.append((n["name"], {"error": f"ztunnel on {n['name']} does not answer ({e.strerror or e})"}))
+            out.append((n["name"], admin_request(NodeSockets.of(lab, n["name"]).ztunnel_admin, op, timeout=10), ""))
+        except (OSError, ValueError) as e:
+            out.append((n["name"], None, f"ztunnel on {n['name']} does not answer ({e})"))
     return out
 
 
@@ -367,12 +356,11 @@ def cmd_ztunnel_config(args: argparse.Namespace) -> int:
 
     which = ztunnel_config.section(args.section)
     rc = 0
-    for node, reply in ztunnel_admin(args, "config_dump"):
-        if not isinstance(reply, dict) or reply.get("error"):
-            print(f"error: {reply.get('error') if isinstance(reply, dict) else reply}", file=sys.stderr)
+    for node, dump, error in ztunnel_admin(args, "config_dump"):
+        if error:
+            print(f"error: {error}", file=sys.stderr)
             rc = 1
             continue
-        dump = reply.get("config_dump", reply)
         if args.output == "json":
             print(ztunnel_config.render_json(which, dump))
         else:
@@ -385,13 +373,13 @@ def cmd_ztunnel_config(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     """Prometheus text from every ztunnel (istio_tcp_*) and every waypoint (istio_requests_total, ...)."""
     rc = 0
-    for node, reply in ztunnel_admin(args, "metrics"):
-        if not isinstance(reply, dict) or reply.get("error"):
-            print(f"# error: {reply.get('error') if isinstance(reply, dict) else reply}", file=sys.stderr)
+    for node, text, error in ztunnel_admin(args, "metrics"):
+        if error:
+            print(f"# error: {error}", file=sys.stderr)
             rc = 1
             continue
         print(f"# ztunnel on {node}")
-        print(reply.get("metrics", "").rstrip("\n"))
+        print(str(text).rstrip("\n"))
     if args.node:
         return rc
     from .admin_socket import admin_request
@@ -649,12 +637,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_iptables(args: argparse.Namespace) -> int:
     """A pod's iptables rules, read from the kernel inside its namespace, with packet counters."""
     need_root()
+    from .cni.iptables import read_inpod_rules
+
     pod = request(args, "resolve_pod", ref=args.pod, namespace=args.namespace)
-    cmd = ["ip", "netns", "exec", pod["netns"], "iptables-legacy-save", "-c"]
-    if args.table:
-        cmd += ["-t", args.table]
-    print(f"# sudo {' '.join(cmd)}", file=sys.stderr)
-    return subprocess.call(cmd)
+    table = f" -t {args.table}" if args.table else ""
+    print(f"# sudo ip netns exec {pod['netns']} iptables-legacy-save -c{table}", file=sys.stderr)
+    print(read_inpod_rules(pod["netns"], table=args.table), end="")
+    return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:

@@ -36,13 +36,6 @@ def remove(name: str) -> None:
         _pyroute2_netns.remove(name)
 
 
-def list_names() -> list[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return []
-
-
 @contextlib.contextmanager
 def entered(name_or_fd: str | int) -> Iterator[None]:
     """Run the body with the calling thread inside a namespace (a name, or an open netns fd).
@@ -67,6 +60,3 @@ def write_sysctl(netns_name: str, key: str, value: str) -> None:
         with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
             f.write(value)
 
-
-def inode(name: str) -> int:
-    return os.stat(path(name)).st_ino

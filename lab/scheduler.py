@@ -36,21 +36,14 @@ def pod_name(deployment: str, template_hash: str, replica: int) -> str:
     return f"{deployment}-{template_hash}-{_encode(f'{deployment}/{template_hash}/{replica}', 5)}"
 
 
-def tolerates(taints: list[str], tolerate_not_ready: bool = False) -> bool:
-    """Whether an ordinary pod may land on a node with these taints (NoSchedule taints repel it)."""
-    for t in taints:
-        if t.startswith("cni.istio.io/not-ready") and tolerate_not_ready:
-            continue
-        return False
-    return True
-
-
 def schedule(node_name: str, node_selector: dict[str, str], nodes: list[Node], load: dict[str, int]) -> str | None:
     """Pick a node: `nodeName` is honoured as written; otherwise the least-loaded schedulable node
     whose labels match `nodeSelector`, ties broken by node order. None: nothing fits (Pending).
     """
     if node_name:
         return node_name if any(n.name == node_name for n in nodes) else None
+    # Every taint the lab sets is NoSchedule (control-plane, cni.istio.io/not-ready) and ordinary pods
+    # tolerate none of them.
     fits = [n for n in nodes if not n.taints and all(n.labels.get(k) == v for k, v in node_selector.items())]
     if not fits:
         return None

@@ -758,8 +758,8 @@ def remove_inpod_rules(netns: NetnsRef) -> None:
         _policy_routing(add=False)
 
 
-def read_inpod_rules(netns: NetnsRef) -> str:
-    """``iptables-legacy-save -c`` of a pod's netns: the rules with their counters.
+def read_inpod_rules(netns: NetnsRef, table: str | None = None) -> str:
+    """``iptables-legacy-save -c [-t TABLE]`` of a pod's netns: the rules with their counters.
 
     A name runs ``ip netns exec <name> iptables-legacy-save -c`` (what a learner types); a path or
     an fd goes through ``nsenter --net=...``.
@@ -772,6 +772,7 @@ def read_inpod_rules(netns: NetnsRef) -> str:
         prefix = ["nsenter", f"--net={os.fspath(netns)}"]
     else:
         prefix = ["ip", "netns", "exec", os.fspath(netns)]
-    result = subprocess.run([*prefix, "iptables-legacy-save", "-c"], capture_output=True,
+    result = subprocess.run([*prefix, "iptables-legacy-save", "-c", *(["-t", table] if table else [])],
+                            capture_output=True,
                             text=True, check=True, pass_fds=pass_fds)
     return result.stdout

@@ -23,9 +23,9 @@ COMPONENTS = ("kube-dns", "istio-cni", "ztunnel", "istiod")
 XDS_PORT = 15012
 
 
-def node_dir(lab: str, node: Node) -> str:
+def node_dir(lab: str, node_name: str) -> str:
     """Per-node sockets; the short node suffix keeps unix socket paths under 108 bytes."""
-    return os.path.join(run_dir(lab), "nodes", node.name.removeprefix(lab + "-"))
+    return os.path.join(run_dir(lab), "nodes", node_name.removeprefix(lab + "-"))
 
 
 @dataclass
@@ -37,8 +37,8 @@ class NodeSockets:
     keylog: str  # NSS key log: every TLS session the lab's proxies make or accept (one file per lab)
 
     @classmethod
-    def of(cls, lab: str, node: Node) -> "NodeSockets":
-        d = node_dir(lab, node)
+    def of(cls, lab: str, node_name: str) -> "NodeSockets":
+        d = node_dir(lab, node_name)
         return cls(os.path.join(d, "pluginevent.sock"), os.path.join(d, "ztunnel.sock"),
                    os.path.join(d, "ztunnel-admin.sock"), os.path.join(d, "token"), tls_keylog(lab))
 
@@ -66,7 +66,7 @@ def write_node_tokens(lab: str, nodes: list[Node]) -> None:
 
     tokens = {}
     for n in nodes:
-        s = NodeSockets.of(lab, n)
+        s = NodeSockets.of(lab, n.name)
         os.makedirs(os.path.dirname(s.token), exist_ok=True)
         tokens[n.name] = secrets.token_hex(16)
         fd = os.open(s.token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -92,7 +92,7 @@ class Components:
     procs: dict[tuple[str, str], subprocess.Popen] = field(default_factory=dict)
 
     def command(self, what: str, node: Node) -> list[str]:
-        s = NodeSockets.of(self.lab, node)
+        s = NodeSockets.of(self.lab, node.name)
         py = [sys.executable, "-m"]
         if what == "kube-dns":
             return py + ["lab.dns", "--records", self.dns_records, "--listen", addressing.CLUSTER_DNS_IP]
@@ -117,7 +117,7 @@ class Components:
 
     def waypoint_command(self, pod, node: Node) -> list[str]:
         """The waypoint pod's process (the real pod runs Envoy): HBONE in, L7, HBONE out."""
-        s = NodeSockets.of(self.lab, node)
+        s = NodeSockets.of(self.lab, node.name)
         gateway = pod.meta.labels["gateway.networking.k8s.io/gateway-name"]
         return [sys.executable, "-m", "lab.waypoint", "--lab", self.lab, "--namespace", pod.namespace,
                 "--name", gateway, "--node", node.name, "--pod", pod.name, "--pod-ip", pod.ip,
@@ -129,7 +129,7 @@ class Components:
         return os.path.join(self.logs_dir, f"{what}_{node.name}.log")
 
     def start(self, what: str, node: Node) -> int:
-        os.makedirs(node_dir(self.lab, node), exist_ok=True)
+        os.makedirs(node_dir(self.lab, node.name), exist_ok=True)
         cmd = ["ip", "netns", "exec", node.netns, *self.command(what, node)]
         with open(self.log_path(what, node), "ab") as log:
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -154,7 +154,7 @@ class Supervisor:
         await asyncio.gather(*(self.wait_agent_ready(n) for n in self.nodes))
         self.api.reconcile()  # the scheduler places the pods that waited for the taint to go
     async def wait_agent_ready(self, node: Node, timeout: float = 15.0) -> None:
-        sock = NodeSockets.of(self.lab, node).plugin
+        sock = NodeSockets.of(self.lab, node.name).plugin
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -265,7 +265,7 @@ class Supervisor:
                 await self.remove_from_mesh(pod)
 
     async def add_to_mesh(self, pod: Pod, source: str) -> None:
-        sock = NodeSockets.of(self.lab, self.node(pod.node)).plugin
+        sock = NodeSockets.of(self.lab, pod.node).plugin
         body = {"uid": pod_uid(pod), "name": pod.name, "namespace": pod.namespace, "ip": pod.ip,
                 "service_account": pod.template.service_account if pod.template else "default",
                 "netns": kubelet.netns.path(pod.netns), "source": source}
@@ -284,7 +284,7 @@ class Supervisor:
 
     async def remove_from_mesh(self, pod: Pod) -> None:
         self.enrolled.pop(pod.key, None)
-        sock = NodeSockets.of(self.lab, self.node(pod.node)).plugin
+        sock = NodeSockets.of(self.lab, pod.node).plugin
         try:
             await asyncio.to_thread(plugin_events.post, sock, "/cmddel",
                                     {"uid": pod_uid(pod), "name": pod.name, "namespace": pod.namespace,

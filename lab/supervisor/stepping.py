@@ -50,7 +50,7 @@ class ProxyAdmin:
 
 def proxy_admins(lab: str, nodes: Iterable[Any], waypoints: Iterable[tuple[str, str]]) -> list[ProxyAdmin]:
     """Every proxy that can hold flows: each node's ztunnel, each waypoint Gateway's process (pure)."""
-    out = [ProxyAdmin(f"ztunnel on {n.name}", NodeSockets.of(lab, n).ztunnel_admin) for n in nodes]
+    out = [ProxyAdmin(f"ztunnel on {n.name}", NodeSockets.of(lab, n.name).ztunnel_admin) for n in nodes]
     out += [ProxyAdmin(f"waypoint {ns}/{name}", os.path.join(waypoint_dir(lab, ns, name), "admin.sock"))
             for ns, name in waypoints]
     return out
