@@ -8,6 +8,7 @@ one CONNECT stream per application TCP connection, whose body is the raw TCP byt
 - `client`: `HboneConnection`, `HboneConnectionPool`, `open_hbone_connection`.
 - `server`: `serve_hbone` for one accepted connection.
 - `stream`: `HboneStream` (StreamReader/Writer-like) and `copy_bidirectional`.
+- `wire`: asyncio protocols that hand received bytes on without a StreamReader's copies.
 
 TLS is not made here: callers pass asyncio streams already wrapped in TLS (lab.tls builds
 the contexts), or plain ones in tests.

@@ -22,6 +22,7 @@ import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 
+from lab.hbone import wire
 from lab.hbone.headers import Header, connect_header_list
 from lab.hbone.stream import (MAX_CONCURRENT_STREAMS, H2Session, HboneConnectionLost, HboneError,
                               HboneH2Connection, HboneStream, HboneStreamReset, decode_headers, log)
@@ -30,8 +31,6 @@ from lab.hbone.stream import (MAX_CONCURRENT_STREAMS, H2Session, HboneConnection
 POOL_UNUSED_RELEASE_TIMEOUT = 300.0
 #: zt:src/proxy.rs: how long the TCP + TLS connect to port 15008 may take.
 CONNECT_TIMEOUT = 10.0
-#: StreamReader buffer for the TLS connection (asyncio's default 64 KiB slows HBONE down).
-READER_LIMIT = 4 * 1024 * 1024
 
 
 class HboneHttpError(HboneError):
@@ -176,17 +175,14 @@ async def open_hbone_connection(host: str, port: int, ssl_context: ssl.SSLContex
     the handshake, so a peer with the wrong identity never even sees the connection preface.
     If it raises, the connection is aborted and the exception propagates.
     """
-    kwargs: dict[str, object] = {"limit": READER_LIMIT}
-    if ssl_context is not None:
-        kwargs.update(ssl=ssl_context, server_hostname="")
+    tls = {"ssl": ssl_context, "server_hostname": ""} if ssl_context is not None else {}
     try:
         if sock is not None:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(sock=sock, **kwargs), timeout)  # type: ignore[arg-type]
+                wire.open_connection(sock=sock, **tls), timeout)  # type: ignore[arg-type]
         else:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, local_addr=local_addr, **kwargs),  # type: ignore[arg-type]
-                timeout)
+                wire.open_connection(host, port, local_addr=local_addr, **tls), timeout)  # type: ignore[arg-type]
     except asyncio.TimeoutError as e:
         raise HboneError(f"connection timed out, maybe a NetworkPolicy is blocking HBONE port {port}") from e
     ssl_object = writer.get_extra_info("ssl_object")

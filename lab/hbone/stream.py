@@ -5,9 +5,11 @@ This module holds what the client and the server side share:
 
 - `HboneStream`: the body of one CONNECT stream, with the API of an asyncio
   StreamReader/StreamWriter pair (`read`, `write`, `drain`, `write_eof`, `close`).
-- `H2Session`: one HTTP/2 connection (h2's sans-IO state machine) driven over any asyncio
-  reader/writer pair (TLS in the lab, plain socketpairs in tests). It has one task reading
-  frames and one task sending the queued bytes of all streams as flow control allows.
+- `H2Session`: one HTTP/2 connection (h2's sans-IO state machine) driven over an asyncio
+  reader/writer pair (TLS in the lab, plain socketpairs in tests). Received bytes come
+  straight from the protocol when the pair was made by lab.hbone.wire (as the lab's HBONE
+  connections are), else a task reads them; one task sends the queued bytes of all streams
+  as flow control allows.
 - `copy_bidirectional`: relay bytes between a stream and a TCP connection with correct
   half-close.
 
@@ -15,6 +17,11 @@ Flow control is the backpressure of HBONE: the receiver hands credit back (WINDO
 only when the *consumer* has read the bytes from `HboneStream.read`, not when they arrived.
 A slow application therefore stops its sender after one window (4 MiB per stream, 16 MiB
 per connection, the sizes ztunnel uses), instead of growing a buffer in the proxy.
+
+Bulk data is where a Python proxy spends its time, so the payload is copied as little as
+h2 allows: a stream queues the chunks it is given as they are, a DATA frame's payload goes
+to TLS without being re-serialised (`HboneH2Connection`), and a received DATA frame's body
+is copied once out of h2's buffer (`HboneFrameBuffer`). bench/bench_mesh.py measures it.
 """
 
 from __future__ import annotations
@@ -23,14 +30,20 @@ import asyncio
 import collections
 import contextlib
 import logging
+import struct
 from typing import Any
 
+import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes, Settings
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame
+
+from lab.hbone.wire import PassThroughProtocol
 
 log = logging.getLogger("lab.hbone")
 
@@ -96,19 +109,104 @@ def _no_payload_repr() -> str:
     return "data=<not shown>"
 
 
-class HboneH2Connection(h2.connection.H2Connection):
-    """h2's connection, minus one hidden cost on the data path.
+#: DATA payloads from this size on (one full TLS record) go to TLS as they are; smaller ones are
+#: serialised with the frames around them, so a short message still leaves in one TLS record.
+PASS_THROUGH_PAYLOAD = 16 * 1024
+#: The 9-byte HTTP/2 frame header (RFC 9113 section 4.1): 24-bit length, type, flags, stream id.
+_FRAME_HEADER = struct.Struct("!HBBBL")
+_END_STREAM = 0x01
 
-    h2 formats every received frame for its trace log (`repr(frame)`) even when nobody
-    logs; for a DATA frame hyperframe hex-encodes the whole payload to show 20 characters
-    of it. At 1 MiB frames that was more than half of HBONE's CPU time, so the payload is
-    left out of the repr of DATA frames.
+
+class HboneFrameBuffer(FrameBuffer):
+    """h2's receive buffer, minus one copy of every DATA frame's payload.
+
+    h2 slices each frame's body out of its buffer (a copy) before hyperframe copies it again
+    into the frame. Here a DATA frame's body is parsed from a view of the buffer, so its
+    payload is copied once; every other frame type takes h2's own path unchanged.
     """
+
+    def __next__(self) -> Frame:
+        buf = self._data
+        if len(buf) < 9 or buf[3] != DataFrame.type:
+            return super().__next__()
+        length = int.from_bytes(buf[:3])
+        if len(buf) < 9 + length:
+            raise StopIteration
+        frame, length = Frame.parse_frame_header(memoryview(bytes(buf[:9])))
+        self._validate_frame_length(length)
+        try:
+            with memoryview(buf) as view:
+                frame.parse_body(view[9:9 + length])
+        except InvalidDataError as err:
+            raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from err
+        except InvalidFrameError as err:
+            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from err
+        del buf[:9 + length]
+        return self._update_header_buffer(frame) or self.__next__()  # raises inside a header block
+
+
+class HboneH2Connection(h2.connection.H2Connection):
+    """h2's connection, minus two hidden costs on the data path.
+
+    Receiving: h2 formats every received frame for its trace log (`repr(frame)`) even when
+    nobody logs; for a DATA frame hyperframe hex-encodes the whole payload to show 20
+    characters of it. At 1 MiB frames that was more than half of HBONE's CPU time, so the
+    payload is left out of the repr of DATA frames.
+
+    Sending: h2 serialises each frame into one bytes object and appends it to one output
+    buffer, which copies a DATA frame's payload three times before the TLS layer sees it.
+    Here h2 still decides everything (windows, stream states, END_STREAM); only the bytes
+    of a large DATA frame are handed on as two pieces, its 9-byte header (joined to the
+    frames before it) and the payload object itself, in order with every other frame. `take_output()` returns those pieces, for a
+    `writelines()` (TLS encrypts them in one go); `data_to_send()` still works and joins them.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
+        self._output: list[bytes | memoryview] = []  # pieces queued before _data_to_send
+        super().__init__(config)
+        self.incoming_buffer = HboneFrameBuffer(server=not self.config.client_side)
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         if isinstance(frame, DataFrame):
             frame._body_repr = _no_payload_repr  # type: ignore[method-assign]
         return super()._receive_frame(frame)  # type: ignore[no-any-return]
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            if (type(frame) is DataFrame and len(frame.data) >= PASS_THROUGH_PAYLOAD
+                    and not frame.pad_length and "PADDED" not in frame.flags):
+                payload = frame.data
+                length = len(payload)
+                if length > self.max_outbound_frame_size:  # h2's own check, kept
+                    raise h2.exceptions.FrameTooLargeError(f"DATA frame of {length} bytes")
+                flags = _END_STREAM if "END_STREAM" in frame.flags else 0
+                # frames queued earlier and this frame's header go first, as one piece
+                self._data_to_send += _FRAME_HEADER.pack(length >> 8, length & 0xFF, 0, flags,
+                                                         frame.stream_id & 0x7FFFFFFF)
+                self._output.append(bytes(self._data_to_send))
+                self._data_to_send.clear()
+                self._output.append(payload)
+            else:
+                super()._prepare_for_sending([frame])
+
+    def take_output(self) -> list[bytes | memoryview]:
+        """Everything queued for the wire, in order, as pieces to write one after another."""
+        out = self._output
+        if self._data_to_send:
+            out.append(bytes(self._data_to_send))
+            self._data_to_send.clear()
+        self._output = []
+        return out
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        if self._output:
+            self._data_to_send[:0] = b"".join(self._output)
+            self._output = []
+        return super().data_to_send(amount)  # type: ignore[no-any-return]
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._output = []
+        super().clear_outbound_data_buffer()
 
 
 class HboneStream:
@@ -131,7 +229,8 @@ class HboneStream:
         self._rbuf_len = 0
         self._remote_ended = False
         self._read_waiter: asyncio.Future[None] | None = None
-        self._wbuf = bytearray()
+        self._wbuf: collections.deque[bytes | memoryview] = collections.deque()  # queued, not yet framed
+        self._wbuf_len = 0
         self._eof_requested = False
         self._local_ended = False
         self._error: HboneStreamReset | None = None
@@ -245,7 +344,10 @@ class HboneStream:
         if self._eof_requested:
             raise HboneError("write after write_eof")
         if data:
-            self._wbuf += data
+            if not isinstance(data, bytes):  # the caller may reuse its buffer: keep a copy
+                data = bytes(data)
+            self._wbuf.append(data)
+            self._wbuf_len += len(data)
             self._session._want_send(self)
 
     def writelines(self, lines: list[bytes]) -> None:
@@ -264,7 +366,7 @@ class HboneStream:
 
     async def drain(self) -> None:
         """Wait until the send queue is below the high-water mark (or raise if reset)."""
-        while self._error is None and len(self._wbuf) > WRITE_HIGH_WATER:
+        while self._error is None and self._wbuf_len > WRITE_HIGH_WATER:
             self._writable.clear()
             await self._writable.wait()
         if self._error is not None:
@@ -288,7 +390,7 @@ class HboneStream:
 
     @property
     def pending_write(self) -> int:
-        return len(self._wbuf)
+        return self._wbuf_len
 
     @property
     def error(self) -> HboneStreamReset | None:
@@ -323,6 +425,7 @@ class HboneStream:
         if self._error is None:
             self._error = error
         self._wbuf.clear()
+        self._wbuf_len = 0
         self._writable.set()
         self._sent.set()
         self._wake_reader()
@@ -331,6 +434,38 @@ class HboneStream:
     def _maybe_closed(self) -> None:
         if self._local_ended and self._remote_ended:
             self._closed.set()
+
+
+#: Queued pieces smaller than this are joined into one DATA frame; larger ones go out as they are.
+SMALL_PIECE = 64 * 1024
+
+
+def _take_frame_payload(queue: collections.deque[bytes | memoryview], n: int) -> bytes | memoryview:
+    """Take at most n bytes off the front of a stream's send queue as one frame's payload.
+
+    A large piece (what one read from the app returned) becomes a frame without being
+    copied, or the first n bytes of it, as a view; small pieces are joined, so a stream of
+    tiny writes still makes few frames.
+    """
+    first = queue[0]
+    if len(first) >= SMALL_PIECE or len(queue) == 1:
+        if len(first) <= n:
+            return queue.popleft()
+        view = first if isinstance(first, memoryview) else memoryview(first)
+        queue[0] = view[n:]
+        return view[:n]
+    parts, size = [], 0
+    while queue and size < n:
+        piece = queue[0]
+        if size + len(piece) <= n:
+            parts.append(queue.popleft())
+            size += len(piece)
+        else:
+            view = piece if isinstance(piece, memoryview) else memoryview(piece)
+            parts.append(view[:n - size])
+            queue[0] = view[n - size:]
+            size = n
+    return b"".join(parts)
 
 
 class H2Session:
@@ -356,14 +491,49 @@ class H2Session:
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
-        self._reader_task = asyncio.create_task(self._read_loop(), name="hbone-read")
+        self._reader_task: asyncio.Task[None] | None = None
         self._sender_task = asyncio.create_task(self._send_loop(), name="hbone-send")
+        protocol = writer.transport.get_protocol()
+        if isinstance(protocol, PassThroughProtocol):  # bytes come straight from TLS (lab.hbone.wire)
+            protocol.hand_off(self._receive_wire_bytes, self._shutdown)
+        else:  # any other asyncio stream pair: a task reads it
+            self._reader_task = asyncio.create_task(self._read_loop(), name="hbone-read")
 
     # ------------------------------------------------------------------ plumbing
     def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and not self.writer.is_closing():
-            self.writer.write(data)
+        pieces = self.conn.take_output()
+        if pieces and not self.writer.is_closing():
+            if len(pieces) == 1:
+                self.writer.write(pieces[0])
+            else:
+                self.writer.writelines(pieces)
+
+    def _receive(self, data: bytes | memoryview) -> str | None:
+        """Feed received bytes to h2 and act on its events; a reason when the connection must end."""
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            # h2 queues a GOAWAY for most errors, but not for a bad preface
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            self._flush()
+            return f"HTTP/2 protocol error: {e}"
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+        return self.close_reason
+
+    def _receive_wire_bytes(self, data: memoryview) -> None:
+        """PassThroughProtocol's consumer: runs inside asyncio's read callback."""
+        if self.closed.is_set():
+            return
+        try:
+            reason = self._receive(data)
+        except Exception as e:  # noqa: BLE001 - a bug must end this connection, not the event loop's callback
+            log.exception("HBONE connection failed while receiving")
+            reason = f"internal error: {e!r}"
+        if reason is not None:
+            self._shutdown(reason)
 
     async def _read_loop(self) -> None:
         reason = "peer closed the connection"
@@ -372,20 +542,9 @@ class H2Session:
                 data = await self.reader.read(READ_SIZE)
                 if not data:
                     break
-                try:
-                    events = self.conn.receive_data(data)
-                except h2.exceptions.ProtocolError as e:
-                    reason = f"HTTP/2 protocol error: {e}"
-                    # h2 queues a GOAWAY for most errors, but not for a bad preface
-                    with contextlib.suppress(h2.exceptions.ProtocolError):
-                        self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
-                    self._flush()
-                    break
-                for event in events:
-                    self._dispatch(event)
-                self._flush()
-                if self.close_reason is not None:
-                    reason = self.close_reason
+                stop = self._receive(data)
+                if stop is not None:
+                    reason = stop
                     break
         except (ConnectionError, OSError, EOFError) as e:
             reason = f"connection error: {e!r}"
@@ -421,12 +580,12 @@ class H2Session:
         try:
             while stream._wbuf and budget > 0:
                 n = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size,
-                        len(stream._wbuf), budget)
+                        stream._wbuf_len, budget)
                 if n <= 0:
                     break
-                with memoryview(stream._wbuf) as view:
-                    data = view[:n].tobytes()
-                del stream._wbuf[:n]
+                data = _take_frame_payload(stream._wbuf, n)
+                n = len(data)
+                stream._wbuf_len -= n
                 end = stream._eof_requested and not stream._wbuf
                 self.conn.send_data(sid, data, end_stream=end)
                 stream.bytes_sent += n
@@ -440,7 +599,7 @@ class H2Session:
                 sent_any = True
         except (h2.exceptions.StreamClosedError, h2.exceptions.FlowControlError) as e:
             stream._on_error(HboneStreamReset(ErrorCodes.STREAM_CLOSED, str(e)))
-        if len(stream._wbuf) <= WRITE_HIGH_WATER:
+        if stream._wbuf_len <= WRITE_HIGH_WATER:
             stream._writable.set()
         if stream._closed.is_set():
             self._forget(stream)
@@ -541,7 +700,7 @@ class H2Session:
         self._pending.clear()
         self._wake.set()
         for task in (self._reader_task, self._sender_task):
-            if task is not asyncio.current_task():
+            if task is not None and task is not asyncio.current_task():
                 task.cancel()
         if not self.writer.is_closing():
             self.writer.close()
@@ -558,8 +717,9 @@ class H2Session:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
         for task in (self._reader_task, self._sender_task):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 async def copy_bidirectional(stream: HboneStream, reader: asyncio.StreamReader,

@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lab.hbone import HboneError
+from lab.hbone import HboneError, wire
 from lab.identity import Identity
 from lab.zds import WorkloadInfo
 from lab.ztunnel import access_log
@@ -408,11 +408,14 @@ class Flow:
                       bytes_recv=r.bytes_recv, duration_ms=ms, response_flags=self.response_flags)
 
 
-Handler = Callable[[Flow, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+#: What a handler reads the app's bytes from: a wire.ChunkReader on ztunnel's listeners (each
+#: chunk as the socket returned it), a StreamReader elsewhere; the copy loops only call read().
+AppReader = wire.ChunkReader | asyncio.StreamReader
+Handler = Callable[[Flow, AppReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 async def serve_connection(pi: ProxyInputs, direction: str, port: int, handler: Handler,
-                           reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                           reader: AppReader, writer: asyncio.StreamWriter) -> None:
     """Run one accepted connection through `handler`, tracked for the admin, drains and policy
     re-checks.
 
@@ -490,7 +493,7 @@ def listener_plan(cfg: Config) -> list[tuple[int, str]]:
             (cfg.inbound_port, "inbound HBONE")]
 
 
-#: StreamReader buffer of the app-facing connections (asyncio's 64 KiB default slows relaying).
+#: StreamReader buffer of the connections ztunnel opens to apps (asyncio's 64 KiB default slows relaying).
 READER_LIMIT = 1024 * 1024
 #: Bytes taken from one side per step of the HBONE copy: large steps mean fewer, larger HTTP/2
 #: DATA frames (up to the 1 MiB frame size) and fewer trips through the event loop.
@@ -561,12 +564,11 @@ class Proxy:
                 else:
                     direction, handler = handlers[port]
 
-                    def on_accept(r: asyncio.StreamReader, w: asyncio.StreamWriter, *,
+                    def on_accept(r: wire.ChunkReader, w: asyncio.StreamWriter, *,
                                   _d: str = direction, _p: int = port, _h: Handler = handler) -> Awaitable[None]:
                         return serve_connection(self.pi, _d, _p, _h, r, w)
 
-                    server = await asyncio.start_server(on_accept, sock=sock, limit=READER_LIMIT,
-                                                        backlog=LISTEN_BACKLOG)
+                    server = await wire.start_server(on_accept, sock=sock, backlog=LISTEN_BACKLOG)
                     listener = Listener(port, what, address, server)
                 self.listeners.append(listener)
                 w = self.pi.workload

@@ -48,6 +48,7 @@ import ssl
 
 from lab.hbone import ConnectRequest, HboneError, RejectedStream, serve_hbone
 from lab.hbone import copy_bidirectional as hbone_copy
+from lab.hbone import wire
 from lab.hbone.headers import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
@@ -79,9 +80,6 @@ from lab.ztunnel.proxy.outbound import baggage_of
 from lab.ztunnel.rbac import Connection, assert_rbac
 from lab.ztunnel.socket import Addr, format_addr, upstream_socket
 from lab.ztunnel.state import Workload
-
-#: The TLS reader's buffer: HTTP/2 frames of up to 1 MiB arrive through it.
-TLS_READER_LIMIT = 4 * 1024 * 1024
 
 log = logging.getLogger("ztunnel.proxy.inbound")
 
@@ -130,13 +128,8 @@ def trace_id_of(request: ConnectRequest) -> str | None:
 # ------------------------------------------------------------------------------------ the tunnel
 async def _tls_accept(sock: socket.socket, ctx: ssl.SSLContext,
                       timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Server-side TLS on an accepted socket, as asyncio streams."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=TLS_READER_LIMIT)
-    protocol = asyncio.StreamReaderProtocol(reader)
-    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ctx,
-                                                      ssl_handshake_timeout=timeout)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+    """Server-side TLS on an accepted socket, as asyncio streams whose bytes go straight to HTTP/2."""
+    return await wire.accept_connection(sock, ssl=ctx, ssl_handshake_timeout=timeout)
 
 
 class Tunnel:
