@@ -1,16 +1,16 @@
-"""The lab's ambient data plane under load: two pods, two ztunnel processes, the real istiod.
+"""The lab's ambient data plane under load: pods on two nodes, two ztunnel processes, the real istiod.
 
-One run measures, on the same machine and the same two pod netns (no supervisor):
+One run measures, on the same machine (no supervisor):
 
 - bulk throughput pod-to-pod: direct TCP (no mesh), through a plain asyncio relay process (the
   copy loop ztunnel uses for plain TCP, over asyncio's own start_server/open_connection streams,
-  in the router netns: the cost of one user-space proxy hop; ztunnel itself reads the app's
-  bytes through lab.hbone.wire, without the StreamReader's copies), and through the mesh
-  (client pod -> 15001 -> ztunnel n1 -> HBONE mTLS + HTTP/2 -> ztunnel n2 -> server pod), with
-  the ratios. Two twin pairs of pods share the router: "client"/"server" are enrolled, the
-  "plain-" pair never is. The three paths are measured in alternating rounds, so a change in
-  the machine's load hits all of them alike; each round gives a mesh/relay ratio, and the goal
-  is judged on the median of those ratios;
+  in the router netns: the cost of one user-space proxy hop), and through the mesh (client pod
+  -> 15001 -> ztunnel n1 -> HBONE mTLS + HTTP/2 -> ztunnel n2 -> server pod), with the ratios.
+  For comparison only, the same relay process also listens with the app side read the way
+  ztunnel reads it (lab.hbone.wire, without the StreamReader's copies). Two twin pairs of pods
+  share the router: "client"/"server" are enrolled, the "plain-" pair never is. The paths are
+  measured in alternating rounds, so a change in the machine's load hits all of them alike;
+  each round gives a mesh/relay ratio, and the goal is judged on the median of those ratios;
 - new mesh connections per second: 200 sequential, then 500 concurrent (connect, first byte,
   close), with and without the mesh;
 - HTTP-ish request latency (a 100-byte request, a 300-byte response) on one kept-alive
@@ -50,7 +50,7 @@ CLIENT = PodSpec("client", "10.9.1.2", "n1", "client", labels={"app": "client"})
 SERVER = PodSpec("server", "10.9.2.2", "n2", "server", labels={"app": "server"})
 PLAIN_CLIENT = PodSpec("plain-client", "10.9.3.2", "n1", "client", enrolled=False, labels={"app": "plain-client"})
 PLAIN_SERVER = PodSpec("plain-server", "10.9.4.2", "n2", "server", enrolled=False, labels={"app": "plain-server"})
-SINK, ECHO, GREET, RELAY = 9000, 9001, 9002, 9100
+SINK, ECHO, GREET, RELAY, RELAY_PASS_THROUGH = 9000, 9001, 9002, 9100, 9101
 RELAY_IP = "10.9.3.1"  # the router's address on the plain client's link
 REQUEST, RESPONSE = 100, 300
 MiB = 1024 * 1024
@@ -98,16 +98,19 @@ threading.Event().wait()
 """
 
 RELAY_APP = r"""
-import asyncio, sys
+import asyncio, socket, sys
+from lab.hbone import wire
 from lab.ztunnel.proxy.relay import Transferred, copy_bidirectional
-async def main(listen_port, target, port):
+async def main(port, pass_through_port, target, target_port):
     async def serve(r, w):
-        ur, uw = await asyncio.open_connection(target, port, limit=256 * 1024)
+        ur, uw = await asyncio.open_connection(target, target_port, limit=256 * 1024)
         await copy_bidirectional((r, w), (ur, uw), Transferred())
-    server = await asyncio.start_server(serve, "0.0.0.0", listen_port, limit=256 * 1024)
+    plain = await asyncio.start_server(serve, "0.0.0.0", port, limit=256 * 1024)  # asyncio's streams
+    sock = socket.create_server(("0.0.0.0", pass_through_port))
+    pass_through = await wire.start_server(serve, sock=sock)  # the app side as ztunnel reads it
     print("ready", flush=True)
-    await server.serve_forever()
-asyncio.run(main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    await asyncio.gather(plain.serve_forever(), pass_through.serve_forever())
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
 """
 
 
@@ -246,7 +249,8 @@ def main() -> int:
         rig.start_app("server", SERVER_APP, str(REQUEST), str(RESPONSE))
         rig.start_app("plain-server", SERVER_APP, str(REQUEST), str(RESPONSE))
         relay = subprocess.Popen(["ip", "netns", "exec", rig.router, sys.executable, "-c", RELAY_APP, str(RELAY),
-                                  PLAIN_SERVER.ip, str(SINK)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                  str(RELAY_PASS_THROUGH), PLAIN_SERVER.ip, str(SINK)], cwd=ROOT,
+                                 stdout=subprocess.PIPE, text=True)
         rig.apps.append(relay)
         assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
 
@@ -262,15 +266,16 @@ def main() -> int:
 
         bulk_cpu = {n: 0.0 for n in pids}
         for r in range(args.repeat):
-            step(f"throughput round {r + 1}/{args.repeat}: direct, relay, mesh")
+            step(f"throughput round {r + 1}/{args.repeat}: direct, relays, mesh")
             one = {"direct": throughput(plain, (PLAIN_SERVER.ip, SINK), args.mib),
-                   "relay": throughput(plain, (RELAY_IP, RELAY), args.mib)}
+                   "relay": throughput(plain, (RELAY_IP, RELAY), args.mib),
+                   "relay_pt": throughput(plain, (RELAY_IP, RELAY_PASS_THROUGH), args.mib)}
             cpu = Cpu(pids)
             one["mesh"] = throughput(a, (SERVER.ip, SINK), args.mib)
             for n, used in cpu.used().items():
                 bulk_cpu[n] += used
             rounds.append(one)
-        for path in ("direct", "relay", "mesh"):
+        for path in ("direct", "relay", "relay_pt", "mesh"):
             results[path] = max(r[path] for r in rounds)
 
         step("new connections, without and with the mesh")
@@ -303,7 +308,10 @@ def main() -> int:
           % (args.repeat, args.mib))
     print(f"  direct TCP pod -> pod       {results['direct']:8.0f}")
     print(f"  plain asyncio relay         {results['relay']:8.0f}   ({results['relay'] / results['direct']:.0%} of direct)")
+    print(f"  same relay, pass-through I/O{results['relay_pt']:8.0f}   (the app side read as ztunnel reads it, "
+          f"lab.hbone.wire: for comparison only)")
     print(f"  mesh (15001 -> HBONE -> app){results['mesh']:8.0f}   ({results['mesh'] / results['relay']:.0%} of the relay, "
+          f"{results['mesh'] / results['relay_pt']:.0%} of the pass-through relay, "
           f"{results['mesh'] / results['direct']:.0%} of direct)")
     print("  per round, mesh / relay: " + ", ".join(f"{r['mesh'] / r['relay']:.0%}" for r in rounds)
           + f"   median {median_ratio:.0%}   goal >= 40% of the relay: " + ("met" if median_ratio >= 0.4 else "NOT met"))

@@ -157,8 +157,9 @@ class HboneH2Connection(h2.connection.H2Connection):
     buffer, which copies a DATA frame's payload three times before the TLS layer sees it.
     Here h2 still decides everything (windows, stream states, END_STREAM); only the bytes
     of a large DATA frame are handed on as two pieces, its 9-byte header (joined to the
-    frames before it) and the payload object itself, in order with every other frame. `take_output()` returns those pieces, for a
-    `writelines()` (TLS encrypts them in one go); `data_to_send()` still works and joins them.
+    frames before it) and the payload object itself, in order with every other frame.
+    `take_output()` returns those pieces, for a `writelines()` (TLS encrypts them in one go);
+    `data_to_send()` still works and joins them.
     """
 
     def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
