@@ -12,7 +12,7 @@ One run measures, on the same machine (no supervisor):
   measured in alternating rounds, so a change in the machine's load hits all of them alike;
   each round gives a mesh/relay ratio, and the goal is judged on the median of those ratios;
 - new mesh connections per second: 200 sequential, then 500 concurrent (connect, first byte,
-  close), with and without the mesh;
+  close), with and without the mesh, in alternating rounds too (the median is reported);
 - HTTP-ish request latency (a 100-byte request, a 300-byte response) on one kept-alive
   connection, p50/p99, with and without the mesh;
 - the ztunnels' CPU seconds and RSS per 1000 requests (from /proc/<pid>/stat and status).
@@ -197,6 +197,11 @@ def step(what: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
+def median(xs: list[float]) -> float:
+    xs, mid = sorted(xs), len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -232,7 +237,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=256, help="MiB per throughput run (default %(default)s)")
     ap.add_argument("--repeat", type=int, default=5,
-                    help="alternating throughput rounds (direct, relay, mesh) (default %(default)s)")
+                    help="alternating rounds of the throughput and connection measurements (default %(default)s)")
     ap.add_argument("--requests", type=int, default=2000, help="requests of the latency run (default %(default)s)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -244,6 +249,7 @@ def main() -> int:
     a, plain = rig.netns("client"), rig.netns("plain-client")
     results: dict[str, float] = {}
     rounds: list[dict[str, float]] = []
+    conn_rounds: list[dict[str, float]] = []
     try:
         rig.start(enrol=False)
         rig.start_app("server", SERVER_APP, str(REQUEST), str(RESPONSE))
@@ -278,13 +284,19 @@ def main() -> int:
         for path in ("direct", "relay", "relay_pt", "mesh"):
             results[path] = max(r[path] for r in rounds)
 
-        step("new connections, without and with the mesh")
-        results["direct_seq"] = sequential_connections(plain, (PLAIN_SERVER.ip, GREET), 200)
-        results["direct_conc"] = concurrent_connections(plain, (PLAIN_SERVER.ip, GREET), 500)
-        cpu = Cpu(pids)
-        results["mesh_seq"] = sequential_connections(a, (SERVER.ip, GREET), 200)
-        results["mesh_conc"] = concurrent_connections(a, (SERVER.ip, GREET), 500)
-        conn_cpu = cpu.used()
+        conn_cpu = {n: 0.0 for n in pids}
+        for r in range(args.repeat):
+            step(f"new connections round {r + 1}/{args.repeat}: without and with the mesh")
+            one = {"direct_seq": sequential_connections(plain, (PLAIN_SERVER.ip, GREET), 200),
+                   "direct_conc": concurrent_connections(plain, (PLAIN_SERVER.ip, GREET), 500)}
+            cpu = Cpu(pids)
+            one["mesh_seq"] = sequential_connections(a, (SERVER.ip, GREET), 200)
+            one["mesh_conc"] = concurrent_connections(a, (SERVER.ip, GREET), 500)
+            for n, used in cpu.used().items():
+                conn_cpu[n] += used
+            conn_rounds.append(one)
+        for what in ("direct_seq", "direct_conc", "mesh_seq", "mesh_conc"):
+            results[what] = median([r[what] for r in conn_rounds])
 
         step("latency, without and with the mesh")
         direct_lat = latency(plain, (PLAIN_SERVER.ip, ECHO), args.requests)
@@ -301,9 +313,7 @@ def main() -> int:
     print(f"bench_mesh: 2 + 2 pods (meshed and plain), 2 ztunnel processes (n1 = source, n2 = destination), "
           f"{os.cpu_count()} CPUs, "
           f"Python {sys.version.split()[0]}")
-    ratios = sorted(r["mesh"] / r["relay"] for r in rounds)
-    mid = len(ratios) // 2
-    median_ratio = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    median_ratio = median([r["mesh"] / r["relay"] for r in rounds])
     print("\nbulk throughput, one connection, MiB/s (%d alternating rounds x %d MiB, best shown)"
           % (args.repeat, args.mib))
     print(f"  direct TCP pod -> pod       {results['direct']:8.0f}")
@@ -318,13 +328,15 @@ def main() -> int:
     mib_total = args.mib * args.repeat
     print("  ztunnel CPU during the mesh runs: " + ", ".join(f"{k} {v:.2f}s" for k, v in bulk_cpu.items())
           + f" for {mib_total} MiB")
-    print("\nnew connections per second (connect + first byte + close)")
+    print("\nnew connections per second (connect + first byte + close), median of %d alternating rounds"
+          % args.repeat)
     print(f"  direct      200 sequential {results['direct_seq']:7.0f}/s   500 concurrent {results['direct_conc']:7.0f}/s")
     print(f"  mesh        200 sequential {results['mesh_seq']:7.0f}/s   500 concurrent {results['mesh_conc']:7.0f}/s")
+    print("  mesh, 500 concurrent, per round: " + ", ".join(f"{r['mesh_conc']:.0f}/s" for r in conn_rounds))
     print(f"  goal >= 1000 new mesh connections/s: sequential {'met' if results['mesh_seq'] >= 1000 else 'NOT met'}"
           f" (one at a time: bound by the latency of the whole path), concurrent "
           f"{'met' if results['mesh_conc'] >= 1000 else 'NOT met'}")
-    per_conn = {k: v / 700 * 1000 for k, v in conn_cpu.items()}
+    per_conn = {k: v / (700 * args.repeat) * 1000 for k, v in conn_cpu.items()}
     print("  ztunnel CPU per 1000 new connections: " + ", ".join(f"{k} {v:.2f}s" for k, v in per_conn.items()))
     print(f"\nrequest latency on a kept-alive connection ({REQUEST} B request, {RESPONSE} B response, {n} requests), ms")
     print(f"  direct      p50 {pct(direct_lat, 50):.3f}   p99 {pct(direct_lat, 99):.3f}")
