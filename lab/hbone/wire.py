@@ -134,6 +134,8 @@ class ChunkReader:
 
     async def read(self, n: int = -1) -> bytes:
         """The next received chunk (at most n bytes if n > 0), or b"" at EOF; raises if the connection failed."""
+        if n == 0:
+            return b""
         p = self._protocol
         while not p._queue:
             if p._end is not None:
