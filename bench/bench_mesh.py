@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lab.netns import entered
+from lab.common.netns import entered
 from tests.lab.test_ztunnel_hbone_lab import MeshRig, PodSpec, wait_for
 
 PREFIX = "altest-zb-"

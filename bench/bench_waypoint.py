@@ -37,9 +37,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lab.hbone import HboneConnection  # noqa: E402
-from lab.identity import Identity  # noqa: E402
-from tests.lab.test_waypoint_process_lab import (PORT, TARGET, V1, VIP, MeshClient, WaypointRig,  # noqa: E402
-                                                 in_netns)
+from lab.tls.identity import Identity  # noqa: E402
+from tests.lab.test_waypoint_process_lab import PORT, TARGET, V1, VIP, MeshClient, WaypointRig, in_netns  # noqa: E402
 from tests.unit.test_waypoint_proxy import get  # noqa: E402
 
 FLOW = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0"

@@ -1,5 +1,5 @@
 """A stand-in for the supervisor's event socket in tests: accepts the lab's event streams
-(JSON lines over a unix stream socket, see lab/events.py) and keeps every event it read."""
+(JSON lines over a unix stream socket, see lab/common/events.py) and keeps every event it read."""
 
 from __future__ import annotations
 

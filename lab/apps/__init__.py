@@ -26,6 +26,16 @@ APP_MODULES: dict[str, str] = {
     "idle": "idle",
 }
 
+# The process name an app shows in `ps` and `ss -p`, where it is not the app's own name: the curl
+# and sleep images run `sleep` (their manifests say `command: ["/bin/sleep", "infinity"]`).
+PROCESS_NAMES: dict[str, str] = {"idle": "sleep"}
+
+
+def process_name(app: str) -> str:
+    """What `ps -o comm` shows for the app's process, as for the real image's entrypoint."""
+    return PROCESS_NAMES.get(app, app)
+
+
 # Ports an app listens on when the pod spec declares none (the images' defaults).
 DEFAULT_PORTS: dict[str, tuple[int, ...]] = {
     "productpage": (9080,),

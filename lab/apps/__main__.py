@@ -12,7 +12,8 @@ import argparse
 import importlib
 import sys
 
-from lab.apps import APP_MODULES, DEFAULT_PORTS, AppOptions
+from lab.apps import APP_MODULES, DEFAULT_PORTS, AppOptions, process_name
+from lab.common.procname import set_comm
 
 
 def parse_ports(text: str) -> tuple[int, ...]:
@@ -52,6 +53,7 @@ def parse_args(argv: list[str]) -> AppOptions:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(sys.argv[1:] if argv is None else argv)
+    set_comm(process_name(options.app))
     # stdout is the pod's log file: make every line reach it at once.
     sys.stdout.reconfigure(line_buffering=True)
     module = importlib.import_module(f"lab.apps.{APP_MODULES[options.app]}")

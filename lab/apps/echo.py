@@ -12,8 +12,7 @@ import asyncio
 
 from lab.apps import AppOptions
 from lab.apps.bookinfo import pod_name
-from lab.apps.http import (HttpServer, Request, Response, format_address, log_line,
-                           looks_like_http, start_servers)
+from lab.apps.http import HttpServer, Request, Response, format_address, log_line, looks_like_http, start_servers
 from lab.apps.runtime import run
 
 SNIFF_BYTES = 9  # the longest method we recognise ("OPTIONS", "CONNECT") plus a space, and one

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 
 from lab.apps import AppOptions
 from lab.apps.bookinfo import pod_name
-from lab.apps.http import HttpServer, Request, Response, REASONS, start_servers
+from lab.apps.http import REASONS, HttpServer, Request, Response, start_servers
 from lab.apps.runtime import run
 
 JSON_TYPE = "application/json; charset=utf-8"

@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, quote, unquote
 
 from lab.apps import AppOptions
 from lab.apps.bookinfo import FORWARD_HEADERS, upstream
-from lab.apps.http import (HttpServer, Request, Response, UpstreamError, forward_headers,
-                           log_line, request as http_request, start_servers)
+from lab.apps.http import HttpServer, Request, Response, UpstreamError, forward_headers, log_line, start_servers
+from lab.apps.http import request as http_request
 from lab.apps.runtime import run
 
 PRODUCTS = [{

@@ -18,8 +18,8 @@ import os
 
 from lab.apps import AppOptions
 from lab.apps.bookinfo import FORWARD_HEADERS, pod_name, product_id_of, upstream
-from lab.apps.http import (HttpServer, Request, Response, UpstreamError, forward_headers,
-                           log_line, request as http_request, start_servers)
+from lab.apps.http import HttpServer, Request, Response, UpstreamError, forward_headers, log_line, start_servers
+from lab.apps.http import request as http_request
 from lab.apps.runtime import run
 
 REVIEWS = (

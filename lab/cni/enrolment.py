@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
-from lab.model import DATAPLANE_MODE_LABEL
+from lab.kube.model import DATAPLANE_MODE_LABEL
 
 #: The value of ``istio.io/dataplane-mode`` that enrols a pod or a namespace.
 AMBIENT = "ambient"

@@ -14,7 +14,9 @@ AddPodToMesh (``POST /cmdadd``, from the chained CNI plugin or the pod informer)
 3. hand the pod (uid, name, namespace, service account) and the netns fd to ztunnel over ZDS
    and wait for its ack. If no ztunnel is connected, or it does not ack in time, or it NACKs,
    the pod is ``pending``: its rules stay, so it has no traffic until a ztunnel takes it
-   ("Pods in this state will not egress/ingress traffic"). On an ack it is ``enabled``;
+   ("Pods in this state will not egress/ingress traffic"), and the reply is still an error
+   (HTTP 500, as ``cni-watcher.go`` answers): the plugin's CmdAdd fails, so a new pod's sandbox
+   fails and the kubelet retries it; its app never runs outside the mesh. On an ack it is ``enabled``;
 4. annotate the pod ``ambient.istio.io/redirection: enabled|pending`` (istiod gives a workload
    ``tunnel_protocol=HBONE`` only when it is ``enabled``).
 
@@ -27,7 +29,8 @@ RemovePodFromMesh (``POST /cmddel``): remove the rules if the pod's netns still 
 
 Lab differences: the Kubernetes API is the lab supervisor (its ``annotate`` operation), and the
 informer lives in the supervisor too, which re-sends ``/cmdadd`` (``source: informer``) for every
-enrolled pod after the agent restarts; the agent keeps no state on disk. The node-side probe
+ambient pod that is not ``enabled``, on every change and after the agent restarts (level-triggered,
+as ``informers.go`` reconcilePod compares intent with status); the agent keeps no state on disk. The node-side probe
 SNAT ipset (reference §1.3) is not maintained.
 
 Run as ``python -m lab.cni --lab LAB --node NODE --plugin-socket PATH --zds-socket PATH``
@@ -57,9 +60,10 @@ from lab.cni import iptables
 from lab.cni.constants import INPOD_RULE_PRIORITY, INPOD_TPROXY_MARK, INPOD_TPROXY_MASK, ROUTE_TABLE_INBOUND
 from lab.cni.plugin_events import PluginEventServer
 from lab.cni.ztunnel_server import ZtunnelServer, ZtunnelUnavailable
-from lab.events import EventEmitter
-from lab.model import REDIRECTION_ANNOTATION
-from lab.zds import WorkloadInfo
+from lab.common.events import EventEmitter
+from lab.common.procname import name_process
+from lab.kube.model import REDIRECTION_ANNOTATION
+from lab.proto.zds import WorkloadInfo
 
 log = logging.getLogger("cni-agent")
 
@@ -431,7 +435,9 @@ class NodeAgent:
             return 200, reply("enabled", f"{pod.req.key} is in the mesh: a new ztunnel took it in its snapshot")
         self._pending(pod, reason)
         await self._annotate(pod.req, "pending")
-        return 200, reply("pending", f"{pod.req.key} is pending: {reason}")
+        # Still an error for the plugin (cni-watcher.go answers 500): the sandbox fails and the
+        # kubelet retries it, so the app never runs without ztunnel's listeners in its pod.
+        return 500, reply("pending", f"{pod.req.key} is pending: {reason}", f"failed to add pod to the mesh: {reason}")
 
     def _add_failed(self, req: PodRequest, status: int, error: str) -> tuple[int, dict[str, Any]]:
         if req.uid not in self.pods:
@@ -643,5 +649,6 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    name_process("istio-cni")
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
     return asyncio.run(run(args))

@@ -8,8 +8,8 @@ the plugin fails and so does the pod's sandbox ("istio-cni cmdAdd failed to cont
 CNI agent").
 
 In the lab the supervisor plays both the plugin (``source: "cni-plugin"``, as a pod starts)
-and the agent's pod informer (``source: "informer"``, when labels change on running pods or
-the agent restarted), so the same socket also carries removals and a read-only view:
+and the agent's pod informer (``source: "informer"``: on every change, each ambient pod that is
+not ``enabled`` is added again, and after the agent restarted), so the same socket also carries removals and a read-only view:
 
 ==========  ===========  ======================================================================
 method      path         meaning

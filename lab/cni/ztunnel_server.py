@@ -34,7 +34,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from lab.zds import (
+from lab.proto.zds import (
     AddWorkload,
     DelWorkload,
     KeepWorkload,

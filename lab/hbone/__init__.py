@@ -14,14 +14,29 @@ TLS is not made here: callers pass asyncio streams already wrapped in TLS (lab.t
 the contexts), or plain ones in tests.
 """
 
-from lab.hbone.client import (HboneConnection, HboneConnectionFull, HboneConnectionPool, HboneHttpError,
-                              open_hbone_connection)
-from lab.hbone.headers import (Baggage, HboneRequest, create_hbone_request, format_authority,
-                               parse_authority, parse_traceparent)
-from lab.hbone.server import (ConnectRequest, HboneServerConnection, RejectedStream, serve_hbone,
-                              validate_connect_request)
-from lab.hbone.stream import (HboneConnectionLost, HboneError, HboneStream, HboneStreamReset,
-                              copy_bidirectional)
+from lab.hbone.client import (
+                              HboneConnection,
+                              HboneConnectionFull,
+                              HboneConnectionPool,
+                              HboneHttpError,
+                              open_hbone_connection,
+)
+from lab.hbone.headers import (
+                              Baggage,
+                              HboneRequest,
+                              create_hbone_request,
+                              format_authority,
+                              parse_authority,
+                              parse_traceparent,
+)
+from lab.hbone.server import (
+                              ConnectRequest,
+                              HboneServerConnection,
+                              RejectedStream,
+                              serve_hbone,
+                              validate_connect_request,
+)
+from lab.hbone.stream import HboneConnectionLost, HboneError, HboneStream, HboneStreamReset, copy_bidirectional
 
 __all__ = [
     "Baggage", "ConnectRequest", "HboneConnection", "HboneConnectionFull", "HboneConnectionLost",

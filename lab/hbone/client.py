@@ -24,8 +24,17 @@ from h2.errors import ErrorCodes
 
 from lab.hbone import wire
 from lab.hbone.headers import Header, connect_header_list
-from lab.hbone.stream import (MAX_CONCURRENT_STREAMS, H2Session, HboneConnectionLost, HboneError,
-                              HboneH2Connection, HboneStream, HboneStreamReset, decode_headers, log)
+from lab.hbone.stream import (
+    MAX_CONCURRENT_STREAMS,
+    H2Session,
+    HboneConnectionLost,
+    HboneError,
+    HboneH2Connection,
+    HboneStream,
+    HboneStreamReset,
+    decode_headers,
+    log,
+)
 
 #: zt:src/config.rs POOL_UNUSED_RELEASE_TIMEOUT
 POOL_UNUSED_RELEASE_TIMEOUT = 300.0

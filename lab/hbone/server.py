@@ -33,11 +33,27 @@ from h2.errors import ErrorCodes
 from h2.stream import StreamClosedBy
 from hyperframe.frame import RstStreamFrame
 
-from lab.hbone.headers import (STATUS_BAD_REQUEST, STATUS_HEADERS_TOO_LARGE, STATUS_OK,
-                               STATUS_SERVICE_UNAVAILABLE, AuthorityError, Header, header_value,
-                               parse_authority)
-from lab.hbone.stream import (MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE, H2Session, HboneError,
-                              HboneH2Connection, HboneStream, HboneStreamReset, decode_headers, log)
+from lab.hbone.headers import (
+    STATUS_BAD_REQUEST,
+    STATUS_HEADERS_TOO_LARGE,
+    STATUS_OK,
+    STATUS_SERVICE_UNAVAILABLE,
+    AuthorityError,
+    Header,
+    header_value,
+    parse_authority,
+)
+from lab.hbone.stream import (
+    MAX_CONCURRENT_STREAMS,
+    MAX_HEADER_LIST_SIZE,
+    H2Session,
+    HboneError,
+    HboneH2Connection,
+    HboneStream,
+    HboneStreamReset,
+    decode_headers,
+    log,
+)
 
 #: Header blocks between MAX_HEADER_LIST_SIZE and this are answered 431; larger ones are an
 #: attack (HPACK bomb) and end the connection.

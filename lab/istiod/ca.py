@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.tls.csr import InvalidCSR, csr_identity, load_csr, private_key_pem
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN, Identity
 
 #: is:security/pkg/cmd/constants.go DefaultWorkloadCertTTL / DefaultMaxWorkloadCertTTL
 DEFAULT_WORKLOAD_CERT_TTL = timedelta(hours=24)

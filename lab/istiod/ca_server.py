@@ -23,9 +23,9 @@ from typing import Any
 
 from cryptography import x509
 
-from lab.identity import Identity
 from lab.istiod.ca import CertificateAuthority, CertificateRefused
-from lab.xds import CreateCertificateRequest, CreateCertificateResponse
+from lab.proto.xds import CreateCertificateRequest, CreateCertificateResponse
+from lab.tls.identity import Identity
 
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 AUTHENTICATION_FAILURE = "authentication failure"

@@ -6,14 +6,21 @@ is:manifests/charts/istio-control/istio-discovery/files/waypoint.yaml), labelled
 `gateway.networking.k8s.io/gateway-name: <name>` and `istio.io/dataplane-mode: none`: a waypoint
 is never captured by ztunnel, and shows PROTOCOL TCP in `ztunnel-config workloads`.
 
-The lab runs this pure function inside its API server's reconcile loop; the waypoint's pod is
-played by lab/waypoint (the Envoy that the real image runs).
+`DeploymentController` is registered with the lab's API server, which runs it on every change,
+and it writes only through the API server, as the real one watches Gateways and writes through
+the Kubernetes API. The waypoint's pod is played by lab/waypoint (the Envoy that the real image
+runs).
 """
 
 from __future__ import annotations
 
-from ..manifests import parse_object
-from ..model import Resource, Source
+from typing import TYPE_CHECKING
+
+from lab.kube.manifests import parse_object
+from lab.kube.model import Resource, Source
+
+if TYPE_CHECKING:
+    from lab.kube.apiserver import ApiServer
 
 WAYPOINT_CLASS = "istio-waypoint"
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
@@ -54,3 +61,17 @@ def waypoint_objects(gateway: Resource) -> list[Resource]:
 
 def owner_of(obj: Resource) -> str:
     return obj.meta.annotations.get(OWNER_ANNOTATION, "")
+
+
+class DeploymentController:
+    """Keeps each waypoint Gateway's ServiceAccount, Deployment and Service in the API server, and
+    removes them when their Gateway goes (deploymentcontroller.go's Reconcile)."""
+
+    def reconcile(self, api: "ApiServer") -> None:
+        wanted = {o.key: o for g in api.list("Gateway") if is_waypoint_gateway(g) for o in waypoint_objects(g)}
+        for obj in list(api.objects.values()):
+            if owner_of(obj) and obj.key not in wanted:
+                api.remove(obj)
+        for key, obj in wanted.items():
+            if key not in api.objects:
+                api.create(obj)

@@ -30,9 +30,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lab.identity import DEFAULT_TRUST_DOMAIN
 from lab.istiod import authorization
-from lab.model import REDIRECTION_ANNOTATION, pod_labels_match
+from lab.kube.model import REDIRECTION_ANNOTATION, pod_labels_match
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN
 
 #: The cluster's DNS domain (Kubernetes' cluster domain; not to be confused with the trust domain).
 DOMAIN_SUFFIX = "cluster.local"

@@ -15,7 +15,7 @@ xDS to every ztunnel and signs workload certificates, all on one gRPC port. The 
   istio-ca-root-cert ConfigMap gives ztunnel). Clients are not asked for a certificate: a
   ztunnel authenticates with its node's token, inside the messages.
 
-On the wire: one JSON message per line (lab/xds.py), lines up to lab.xds.MAX_LINE bytes.
+On the wire: one JSON message per line (lab/proto/xds.py), lines up to lab.proto.xds.MAX_LINE bytes.
 """
 
 from __future__ import annotations
@@ -36,25 +36,26 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
+from lab.common.procname import name_process
 from lab.istiod import authorization, registry, waypoints
 from lab.istiod.ca import CertificateAuthority, issue_leaf
 from lab.istiod.ca_server import CaServer
 from lab.istiod.xds_server import DiscoveryServer, XdsConnection, XdsRejected
-from lab.tls.certificate import WorkloadCertificate
-from lab.tls.csr import generate_key, private_key_pem
-from lab.xds import (  # noqa: F401 - client_tls_context: the client side istiod's tests and peers use
+from lab.proto.xds import (  # noqa: F401 - client_tls_context: the client side istiod's tests and peers use
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
     MAX_LINE,
     XDS_ALPN,
-    client_tls_context,
     CreateCertificateRequest,
     DeltaDiscoveryRequest,
     XdsProtocolError,
+    client_tls_context,
     decode,
     encode,
 )
+from lab.tls.certificate import WorkloadCertificate
+from lab.tls.csr import generate_key, private_key_pem
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN, Identity
 
 #: The ALPN protocol of the lab's xDS/CA port (real istiod speaks gRPC over h2).
 ISTIOD_IDENTITY = Identity.of("istio-system", "istiod")
@@ -307,7 +308,7 @@ async def watch_cluster(lab: str, on_snapshot: Callable[[dict], None], log: Log,
     the last config meanwhile (as istiod does when the API server is unreachable). `path`
     defaults to the lab's supervisor socket."""
     if path is None:
-        from lab.supervisor.server import supervisor_socket  # the lab's API server endpoint
+        from lab.supervisor.client import supervisor_socket  # the lab's API server endpoint
 
         path = supervisor_socket(lab)
     announced = False
@@ -348,7 +349,7 @@ async def run(lab: str, listen: str, ca_dir: str, tokens_file: str, workload_cer
     """The istiod process: CA, TLS server, cluster watch, until SIGTERM/SIGINT."""
     import signal
 
-    from lab.events import EventEmitter
+    from lab.common.events import EventEmitter
 
     host, port = parse_listen(listen)
     emitter = EventEmitter(lab, "istiod")
@@ -401,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                     help="debug also prints every ACK (default %(default)s)")
     args = ap.parse_args(argv)
+    name_process("istiod")
     global log_threshold
     log_threshold = args.log_level
     try:

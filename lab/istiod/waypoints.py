@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..waypoint.config import (
+from lab.waypoint.config import (
     WAYPOINT_CLASS,
     allows_namespace,
     attached_waypoint,

@@ -2,7 +2,7 @@
 
 One `XdsConnection` per connected ztunnel, one `Subscription` per type URL it asked for
 (Address = workloads and services, Authorization = L4 policies). The protocol, message by
-message (lab/xds.py has the messages):
+message (lab/proto/xds.py has the messages):
 
 1. ztunnel -> istiod, first request of a type: a subscription. The first request on a
    connection must carry the node's token; the token names the node, and the node the ztunnel
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.xds import (
+from lab.proto.xds import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
     TYPE_URLS,

@@ -2,6 +2,6 @@
 
 import sys
 
-from .server import main
+from lab.supervisor.server import main
 
 sys.exit(main())

@@ -7,8 +7,15 @@ import os
 import socket
 from typing import Iterator
 
-from ..errors import LabError
-from .server import supervisor_socket
+from lab.common.errors import LabError
+from lab.common.state import run_dir
+
+SOCKET_NAME = "supervisor.sock"
+
+
+def supervisor_socket(lab: str) -> str:
+    """The lab's API endpoint: every client (CLI, TUI, the components' API calls) talks to it."""
+    return os.path.join(run_dir(lab), SOCKET_NAME)
 
 
 class SupervisorGone(LabError):

@@ -14,10 +14,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from .. import addressing
-from ..errors import LabError
-from ..model import Node
-from ..state import LabRecord, run_dir
+from lab.common.errors import LabError
+from lab.common.state import LabRecord, run_dir
+from lab.kube import addressing
+from lab.kube.model import Node
 
 COMPONENTS = ("kube-dns", "istio-cni", "ztunnel", "istiod")
 XDS_PORT = 15012
@@ -95,7 +95,7 @@ class Components:
         s = NodeSockets.of(self.lab, node.name)
         py = [sys.executable, "-m"]
         if what == "kube-dns":
-            return py + ["lab.dns", "--records", self.dns_records, "--listen", addressing.CLUSTER_DNS_IP]
+            return py + ["lab.kube.dns", "--records", self.dns_records, "--listen", addressing.CLUSTER_DNS_IP]
         if what == "istio-cni":
             return py + ["lab.cni", "--lab", self.lab, "--node", node.name, "--plugin-socket", s.plugin,
                          "--zds-socket", s.zds] + (["--dns-capture"] if self.dns_capture else [])

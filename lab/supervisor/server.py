@@ -3,7 +3,7 @@
 It plays the parts of a real cluster that keep things running: kind (nodes), the kubelets and
 the primary CNI (pods), kube-proxy (service rules), and the API endpoint the CLI and TUI talk
 to. It is one asyncio process; every call that enters a network namespace runs on one
-dedicated "kernel" thread, because setns moves only the calling thread (lab/netns.py).
+dedicated "kernel" thread, because setns moves only the calling thread (lab/common/netns.py).
 
 Clients speak newline-delimited JSON over `/run/ambient-lab/<lab>/supervisor.sock`: one
 request line, then one or more reply lines, the last with `"done": true`.
@@ -22,27 +22,44 @@ import time
 import traceback
 from typing import Any, Awaitable, Callable
 
-from .. import addressing, cluster, kubelet, kubeproxy, manifests, printers
-from ..apiserver import ApiServer, resolve_kind
-from ..cni import enrolment, plugin_events
-from ..model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION
-from .components import COMPONENTS, XDS_PORT, Components, NodeSockets, istiod_dir, write_node_tokens
-from .stepping import ProxyAdmin, StepControl, parse_on, proxy_admins
-from ..cleanup import stop_processes, teardown
-from ..errors import LabError
-from ..events import Event, events_socket
-from ..model import Node, Pod, Service
-from ..state import LabRecord, process_start_time, run_dir
+from lab.cni import enrolment, plugin_events
+from lab.common.errors import LabError
+from lab.common.events import Event, events_socket
+from lab.common.procname import name_process
+from lab.common.state import LabRecord, process_start_time, run_dir
+from lab.istiod.deployment_controller import DeploymentController
+from lab.kube import addressing, cluster, kubelet, kubeproxy, manifests, printers
+from lab.kube.apiserver import ApiServer, resolve_kind
+from lab.kube.model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION, Node, Pod, Service
+from lab.supervisor.cleanup import stop_processes, teardown
+from lab.supervisor.client import supervisor_socket
+from lab.supervisor.components import COMPONENTS, XDS_PORT, Components, NodeSockets, istiod_dir, write_node_tokens
+from lab.supervisor.stepping import ProxyAdmin, StepControl, parse_on, proxy_admins
 
-SOCKET_NAME = "supervisor.sock"
 EVENT_HISTORY = 20_000
 READINESS_TIMEOUT = 10.0
 
 Reply = Callable[[dict], Awaitable[None]]
 
 
-def supervisor_socket(lab: str) -> str:
-    return os.path.join(run_dir(lab), SOCKET_NAME)
+class SandboxRetry:
+    """The kubelet's back-off for one pod whose sandbox failed: 0.2 s, doubling, at most 5 s (the
+    real kubelet starts at 10 s and caps at 5 minutes; the lab is faster so a learner sees it)."""
+
+    FIRST, MOST = 0.2, 5.0
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.delay = 0.0
+        self.next = 0.0
+
+    def failed(self) -> None:
+        self.attempts += 1
+        self.delay = min(self.FIRST * 2 ** (self.attempts - 1), self.MOST)
+        self.next = time.monotonic() + self.delay
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next
 
 
 class Supervisor:
@@ -53,7 +70,8 @@ class Supervisor:
         # ready. Without it, pods start before the agent and run un-captured.
         self.cni_taint = cni_taint
         self.nodes: list[Node] = addressing.plan_nodes(lab, workers)
-        self.api = ApiServer(lab=lab, nodes=self.nodes)
+        # istiod's deployment controller writes waypoint Deployments and Services through the API server
+        self.api = ApiServer(lab=lab, nodes=self.nodes, controllers=[DeploymentController()])
         self.record = LabRecord(lab=lab)
         self.kernel = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self.running: dict[tuple, Pod] = {}  # pods whose sandbox and app exist
@@ -72,8 +90,12 @@ class Supervisor:
         self.control_plane = self.nodes[0]
         self.components.istiod_address = f"{self.control_plane.ip}:{XDS_PORT}"
         self.agent_ready: set[str] = set()  # nodes whose istio-cni agent answers
+        # Nodes where istio-cni installed its chained CNI plugin. It stays installed when the agent
+        # stops (istio-cni `cmd/root.go`: "to 'stall' new ambient-enabled pods"), so from then on a
+        # new ambient pod's sandbox fails while the agent is away: fail closed.
+        self.cni_installed: set[str] = set()
         self.enrolled: dict[tuple, str] = {}  # pod key -> the agent's last answer (enabled|pending)
-        self.seen_ambient: dict[tuple, bool] = {}  # pod key -> ambient per labels, at the last look
+        self.sandbox_retry: dict[tuple, SandboxRetry] = {}  # pods whose sandbox failed: kubelet retries them
         self.generation = 0  # bumped on every change watchers (istiod) must see
         self.changed_cond = asyncio.Condition()
         self.stepping = StepControl(self.step_targets, self.emit)  # step mode, the mesh debugger
@@ -125,10 +147,14 @@ class Supervisor:
                 # The race of reference §7.1: no taint, so pods start before istio-cni is there.
                 await self.sync(progress=True)
                 self.say("starting istio-cni and ztunnel AFTER the pods (no readiness taint): "
-                         "ambient pods started so far are not captured")
+                         "ambient pods started so far ran un-captured until now")
                 await self.start_mesh_agents()
+                # The agent's informer lists every pod when it starts and enrols the ambient ones
+                # the plugin never saw; connections they opened before stay outside the mesh.
+                await self.sync_enrolment()
             await self.wait_enrolment_settled()
         asyncio.get_running_loop().create_task(self.watch_components())
+        asyncio.get_running_loop().create_task(self.retry_sandboxes())
         self.say(f"lab {self.lab} ready in {time.monotonic() - t0:.2f}s")
 
     async def start_istiod(self) -> None:
@@ -152,7 +178,21 @@ class Supervisor:
             self.components.start("istio-cni", node)
             self.components.start("ztunnel", node)  # a DaemonSet: the control-plane node gets one too
         await asyncio.gather(*(self.wait_agent_ready(n) for n in self.nodes))
+        # The lab also waits for each ztunnel to connect to its agent, as istio/istio#61490 proposes
+        # for the untaint controller: otherwise the first pods' sandboxes fail once and are retried.
+        await asyncio.gather(*(self.wait_ztunnel_connected(n) for n in self.nodes))
         self.api.reconcile()  # the scheduler places the pods that waited for the taint to go
+
+    async def wait_ztunnel_connected(self, node: Node, timeout: float = 10.0) -> None:
+        sock = NodeSockets.of(self.lab, node.name).plugin
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if (await asyncio.to_thread(plugin_events.get, sock, "/pods")).get("ztunnels_connected"):
+                    return
+            except (OSError, plugin_events.PluginError):
+                pass
+            await asyncio.sleep(0.02)
     async def wait_agent_ready(self, node: Node, timeout: float = 15.0) -> None:
         sock = NodeSockets.of(self.lab, node.name).plugin
         deadline = time.monotonic() + timeout
@@ -169,6 +209,7 @@ class Supervisor:
                                    f"see {self.components.log_path('istio-cni', node)}")
                 await asyncio.sleep(0.02)
         self.agent_ready.add(node.name)
+        self.cni_installed.add(node.name)  # install-cni wrote the chained plugin into the node's CNI config
         taint = f"{CNI_NOT_READY_TAINT}:NoSchedule"
         if taint in node.taints:
             node.taints.remove(taint)
@@ -204,14 +245,15 @@ class Supervisor:
         """Make pods, enrolment, DNS and kube-proxy rules match the API server.
 
         This is the kubelets' loop (sandboxes and apps), the chained istio-cni plugin (CmdAdd as a
-        pod starts), the node agent's informer (enrolment when labels change) and kube-proxy's.
+        pod starts; a failed CmdAdd fails the sandbox), the node agent's informer (level-triggered
+        enrolment) and kube-proxy's.
         """
         wanted = {p.key: p for p in self.api.pods() if p.node}
         gone = [k for k in self.running if k not in wanted]
         new = [p for k, p in wanted.items() if k not in self.running]
         for key in gone:
             pod = self.running.pop(key)
-            self.seen_ambient.pop(key, None)
+            self.sandbox_retry.pop(key, None)
             if key in self.enrolled:
                 await self.remove_from_mesh(pod)
             stop_processes([e for e in self.record.processes if e.pid == pod.pid], grace=0.3)
@@ -223,22 +265,18 @@ class Supervisor:
                       pod=pod.name)
         if new and progress:
             self.say(f"starting {len(new)} pods")
+        started = []
         for pod in new:
             await self.on_kernel(kubelet.create_sandbox, pod, self.node(pod.node), self.record)
-            if self.is_ambient(pod) and pod.node in self.agent_ready:
-                await self.add_to_mesh(pod, "cni-plugin")  # the chained plugin runs before the app starts
-            command = self.components.waypoint_command(pod, self.node(pod.node)) if pod.app == "waypoint" else None
-            proc = kubelet.start_app(pod, os.path.join(self.logs_dir, f"{pod.namespace}_{pod.name}.log"), self.record,
-                                     command)
-            self._children[proc.pid] = proc
             pod.phase = "ContainerCreating"
             self.running[pod.key] = pod
-            self.emit("pod.created", f"pod {pod.namespace}/{pod.name} got {pod.ip} on {pod.node}, "
-                      f"running the {pod.app} app", node=pod.node, pod=pod.name, ip=pod.ip, netns=pod.netns)
+            if await self.run_cni_plugin(pod):  # the chained plugin runs before the app starts
+                self.start_app(pod)
+                started.append(pod)
         if new:
             self.changed()  # scheduled pods are visible to watchers (istiod) before they are ready
-            await asyncio.gather(*(self.wait_pod_ready(p) for p in new))
-        await self.sync_enrolment(skip={p.key for p in new})
+            await asyncio.gather(*(self.wait_pod_ready(p) for p in started))
+        await self.sync_enrolment()
         self.write_dns_records()
         await self.sync_kube_proxy()
         self.changed()
@@ -247,24 +285,79 @@ class Supervisor:
         ns = self.api.objects.get(("Namespace", "", pod.namespace))
         return enrolment.pod_is_ambient(pod.meta.labels, ns.meta.labels if ns else {})
 
-    async def sync_enrolment(self, skip: set = frozenset()) -> None:
-        """The node agent's informer: running pods whose labels (or namespace's) CHANGED join or leave.
+    def start_app(self, pod: Pod) -> None:
+        """The kubelet starts the pod's container once its sandbox (and every CNI plugin) succeeded."""
+        command = self.components.waypoint_command(pod, self.node(pod.node)) if pod.app == "waypoint" else None
+        proc = kubelet.start_app(pod, os.path.join(self.logs_dir, f"{pod.namespace}_{pod.name}.log"), self.record,
+                                 command)
+        self._children[proc.pid] = proc
+        self.emit("pod.created", f"pod {pod.namespace}/{pod.name} got {pod.ip} on {pod.node}, "
+                  f"running the {pod.app} app", node=pod.node, pod=pod.name, ip=pod.ip, netns=pod.netns)
 
-        Edge-triggered, like an informer's update events: a pod that started before istio-cni was
-        ready (no CmdAdd) stays un-captured until its labels change again (reference §7.1).
+    async def run_cni_plugin(self, pod: Pod) -> bool:
+        """The chained istio-cni plugin's CmdAdd, as the container runtime runs it for a new sandbox.
+
+        Before istio-cni installed the plugin on the node there is nothing to run: the pod starts
+        un-captured (the start-up race the readiness taint closes). Once installed, the plugin asks
+        the node agent to add an ambient pod to the mesh, and any failure (the agent is away, no
+        ztunnel took the pod) fails the sandbox: the pod waits in ContainerCreating and the kubelet
+        retries it (istio-cni `pkg/plugin/plugin.go` CmdAdd). Returns whether the app may start.
+        """
+        if pod.node not in self.cni_installed or not self.is_ambient(pod):
+            return True
+        error = await self.add_to_mesh(pod, "cni-plugin")
+        if not error:
+            self.sandbox_retry.pop(pod.key, None)
+            return True
+        retry = self.sandbox_retry.setdefault(pod.key, SandboxRetry())
+        retry.failed()
+        self.emit("pod.sandbox.failed", f"pod {pod.namespace}/{pod.name} on {pod.node}: FailedCreatePodSandBox: "
+                  f'plugin type="istio-cni" failed (add): {error}; the kubelet retries in {retry.delay:.1f}s '
+                  f"(attempt {retry.attempts}); the app does not start outside the mesh",
+                  node=pod.node, pod=pod.name, reason="FailedCreatePodSandBox", error=error, attempts=retry.attempts)
+        return False
+
+    async def retry_sandboxes(self) -> None:
+        """The kubelet's sandbox retries, with back-off, for pods whose CNI ADD failed."""
+        while True:
+            await asyncio.sleep(SandboxRetry.FIRST)
+            if not self.sandbox_retry:
+                continue
+            async with self.lock:
+                due = [self.running[k] for k, r in list(self.sandbox_retry.items())
+                       if k in self.running and r.due()]
+                started = [pod for pod in due if await self.run_cni_plugin(pod)]
+                for pod in started:
+                    self.start_app(pod)
+                    self.emit("pod.sandbox.created", f"pod {pod.namespace}/{pod.name}: the sandbox was created on "
+                              "retry; istio-cni added it to the mesh before its app started", node=pod.node,
+                              pod=pod.name)
+                if started:
+                    self.changed()
+                    await asyncio.gather(*(self.wait_pod_ready(p) for p in started))
+                    self.changed()
+
+    async def sync_enrolment(self, node: str = "") -> None:
+        """The node agent's informer (istio-cni `nodeagent/informers.go` reconcilePod), level-triggered.
+
+        For every running pod it compares intent (its labels and its namespace's) with status (the
+        `ambient.istio.io/redirection` annotation), never old labels with new ones: an ambient pod
+        that is not `enabled` (it started before the plugin was installed, or it is `pending`
+        because no ztunnel took it) is added again, and a pod that is no longer ambient is removed.
+        It runs on every change and, for a node, when its agent (re)starts.
         """
         for key, pod in list(self.running.items()):
-            want = self.is_ambient(pod)
-            was = self.seen_ambient.get(key)
-            self.seen_ambient[key] = want
-            if key in skip or pod.node not in self.agent_ready or was == want:
+            if key in self.sandbox_retry or pod.node not in self.agent_ready or (node and pod.node != node):
                 continue
-            if want and key not in self.enrolled:
+            want = self.is_ambient(pod)
+            status = pod.meta.annotations.get(REDIRECTION_ANNOTATION, "")
+            if want and status != "enabled":
                 await self.add_to_mesh(pod, "informer")
-            elif not want and key in self.enrolled:
+            elif not want and (key in self.enrolled or status):
                 await self.remove_from_mesh(pod)
 
-    async def add_to_mesh(self, pod: Pod, source: str) -> None:
+    async def add_to_mesh(self, pod: Pod, source: str) -> str:
+        """Ask the node agent to add the pod (CmdAdd, or its informer); returns the error, or ""."""
         sock = NodeSockets.of(self.lab, pod.node).plugin
         body = {"uid": pod_uid(pod), "name": pod.name, "namespace": pod.namespace, "ip": pod.ip,
                 "service_account": pod.template.service_account if pod.template else "default",
@@ -272,15 +365,18 @@ class Supervisor:
         try:
             reply = await asyncio.to_thread(plugin_events.post, sock, "/cmdadd", body)
         except (OSError, plugin_events.PluginError) as e:
-            self.emit("pod.enrolment.failed", f"istio-cni on {pod.node} could not enrol {pod.namespace}/{pod.name}: {e}",
-                      node=pod.node, pod=pod.name)
-            return
+            error = f"istio-cni cmdAdd failed to contact node Istio CNI agent: {e}"
+            self.emit("pod.enrolment.failed", f"istio-cni on {pod.node} could not enrol {pod.namespace}/{pod.name}: "
+                      f"{error}", node=pod.node, pod=pod.name)
+            return error
+        # The agent itself annotated the pod (enabled or pending) before it replied, as istio-cni does.
+        if reply.get("redirection"):
+            self.enrolled[pod.key] = reply["redirection"]
         if reply.get("error"):
             self.emit("pod.enrolment.failed", f"istio-cni refused {pod.namespace}/{pod.name}: {reply['error']}",
                       node=pod.node, pod=pod.name)
-            return
-        # The agent itself annotated the pod (enabled or pending) before it replied, as istio-cni does.
-        self.enrolled[pod.key] = reply.get("redirection", "")
+            return reply["error"]
+        return ""
 
     async def remove_from_mesh(self, pod: Pod) -> None:
         self.enrolled.pop(pod.key, None)
@@ -440,7 +536,7 @@ class Supervisor:
         await self.shutdown()
 
     async def listen_events(self) -> None:
-        """The lab's other processes stream their events here (see lab/events.py), one JSON line each."""
+        """The lab's other processes stream their events here (see lab/common/events.py), one JSON line each."""
 
         async def reader_task(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -550,8 +646,8 @@ class Supervisor:
 
     def route_status(self) -> dict:
         """Each HTTPRoute's status as its waypoints see it (Accepted, ResolvedRefs), per parent."""
-        from ..istiod.deployment_controller import is_waypoint_gateway
-        from ..waypoint.config import build_waypoint_config, route_status_document
+        from lab.istiod.deployment_controller import is_waypoint_gateway
+        from lab.waypoint.config import build_waypoint_config, route_status_document
 
         out: dict = {}
         snapshot = None
@@ -571,7 +667,7 @@ class Supervisor:
 
     def gateway_status(self) -> dict:
         """A waypoint Gateway is Programmed once its pod runs; its address is its Service's ClusterIP."""
-        from ..istiod.deployment_controller import GATEWAY_NAME_LABEL, is_waypoint_gateway
+        from lab.istiod.deployment_controller import GATEWAY_NAME_LABEL, is_waypoint_gateway
 
         out = {}
         for gw in self.api.list("Gateway"):
@@ -586,8 +682,8 @@ class Supervisor:
 
     async def op_waypoints(self, req: dict, reply: Reply) -> None:
         """`istioctl waypoint list`: waypoint Gateways with their state, pod and flow file."""
-        from ..istiod.deployment_controller import GATEWAY_NAME_LABEL, is_waypoint_gateway
-        from .components import waypoint_dir
+        from lab.istiod.deployment_controller import GATEWAY_NAME_LABEL, is_waypoint_gateway
+        from lab.supervisor.components import waypoint_dir
 
         ns = None if req.get("all_namespaces") else (req.get("namespace") or "default")
         status = self.gateway_status()
@@ -710,7 +806,7 @@ class Supervisor:
         raise LabError(f'nodes "{name}" not found', "see: ambient-lab get nodes")
 
     def waypoint_pod(self, req: dict) -> Pod:
-        from ..istiod.deployment_controller import GATEWAY_NAME_LABEL
+        from lab.istiod.deployment_controller import GATEWAY_NAME_LABEL
 
         ns, name = req.get("namespace") or "default", req["node"]
         for p in self.api.pods(ns):
@@ -763,13 +859,12 @@ class Supervisor:
         self.emit("component.started", f"{what} on {node.name} started again (pid {pid})", component=what,
                   node=node.name)
         if what == "istio-cni":
-            # A restarted agent learns the node's ambient pods again from its informer and reconciles.
+            # A restarted agent lists the node's pods from its informer and reconciles every one of
+            # them (reconcileNamespace on start); pods whose sandbox waits are retried by the kubelet.
             self.agent_ready.discard(node.name)
             await self.wait_agent_ready(node)
             async with self.lock:
-                for key, pod in list(self.running.items()):
-                    if pod.node == node.name and key in self.enrolled:
-                        await self.add_to_mesh(pod, "informer")
+                await self.sync_enrolment(node.name)
         await reply({"done": True, "stdout": f"{what} on {node.name} started (pid {pid})"})
 
     async def op_components(self, req: dict, reply: Reply) -> None:
@@ -777,7 +872,8 @@ class Supervisor:
                  "running": self.components.running(what, n)} for n in self.nodes for what in COMPONENTS
                 if what != "istiod" or n is self.control_plane]
         uncaptured = [f"{p.namespace}/{p.name}" for k, p in self.running.items()
-                      if self.is_ambient(p) and not p.meta.annotations.get(REDIRECTION_ANNOTATION)]
+                      if k not in self.sandbox_retry and self.is_ambient(p)
+                      and not p.meta.annotations.get(REDIRECTION_ANNOTATION)]
         await reply({"done": True, "components": rows, "uncaptured": uncaptured})
 
     async def op_watch_cluster(self, req: dict, reply: Reply) -> None:
@@ -795,7 +891,7 @@ class Supervisor:
 
     # -- step mode: the mesh debugger (lab/supervisor/stepping.py) -------------------------------
     def step_targets(self) -> list[ProxyAdmin]:
-        from ..istiod.deployment_controller import is_waypoint_gateway
+        from lab.istiod.deployment_controller import is_waypoint_gateway
 
         gateways = [(g.namespace, g.name) for g in self.api.list("Gateway", None) if is_waypoint_gateway(g)]
         return proxy_admins(self.lab, self.nodes, gateways)
@@ -846,7 +942,7 @@ def _os_image() -> str:
 
 def _socket_in(netns_name: str) -> socket.socket:
     """A TCP socket that belongs to a pod's namespace (created there, usable from anywhere)."""
-    from .. import netns
+    from lab.common import netns
 
     with netns.entered(netns_name):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -864,10 +960,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cni-taint", action="store_true")
     ap.add_argument("--cert-ttl", type=int, default=0)
     args = ap.parse_args(argv)
+    name_process("lab-supervisor")
     sup = Supervisor(args.name, args.nodes, args.filename, cni_taint=not args.no_cni_taint, cert_ttl=args.cert_ttl)
     sup.record.supervisor = None
     me = os.getpid()
-    from ..state import ProcessEntry
+    from lab.common.state import ProcessEntry
 
     sup.record.supervisor = ProcessEntry(me, process_start_time(me) or 0, "supervisor")
     sup.record.save()

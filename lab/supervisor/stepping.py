@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LabError
-from ..ztunnel.stepper import matches, parse_on, parse_release
-from .components import NodeSockets, waypoint_dir
+from lab.common.errors import LabError
+from lab.supervisor.components import NodeSockets, waypoint_dir
+from lab.ztunnel.stepper import matches, parse_on, parse_release
 
 ADMIN_TIMEOUT = 3.0  # seconds one proxy may take to answer
 KEEP_EVERY = 1.0  # seconds between re-assertions of step mode while it is on

@@ -27,7 +27,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from lab.identity import Identity
+from lab.tls.identity import Identity
 
 
 class NoPeerIdentity(ValueError):

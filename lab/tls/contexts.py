@@ -31,8 +31,8 @@ import ssl
 import tempfile
 from collections.abc import Iterable
 
-from lab.identity import Identity
 from lab.tls.certificate import WorkloadCertificate, identities_in_cert, peer_certificate
+from lab.tls.identity import Identity
 
 #: zt:src/tls/lib.rs TLS_VERSIONS / cipher suites
 ALPN_H2 = "h2"

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from lab.identity import Identity
+from lab.tls.identity import Identity
 
 
 class InvalidCSR(ValueError):

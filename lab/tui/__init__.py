@@ -15,8 +15,8 @@ def run(lab: str, files: list[str] | None = None, down_on_exit: bool = False, st
     With `down_on_exit`, the lab is removed when the TUI quits (`ambient-lab down`), whether or
     not this TUI started it. Returns the process exit code.
     """
-    from .app import LabApp
-    from .backend import LiveBackend
+    from lab.tui.app import LabApp
+    from lab.tui.backend import LiveBackend
 
     backend = LiveBackend(lab, files=files, start_if_needed=start)
     app = LabApp(backend)
@@ -25,7 +25,7 @@ def run(lab: str, files: list[str] | None = None, down_on_exit: bool = False, st
     finally:
         backend.stop()
         if down_on_exit:
-            from ..cli import down_one
+            from lab.supervisor.lifecycle import down_one
 
             down_one(lab)
         elif getattr(backend, "live", True):

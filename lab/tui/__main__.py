@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..state import DEFAULT_LAB
+from lab.common.state import DEFAULT_LAB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recording", metavar="DIR", help="open a recorded lab instead of a live one")
     args = ap.parse_args(argv)
     if args.recording:
-        from .app import LabApp
-        from .backend import RecordedBackend
+        from lab.tui.app import LabApp
+        from lab.tui.backend import RecordedBackend
 
         LabApp(RecordedBackend(args.recording)).run()
         return 0
-    from . import run
+    from lab.tui import run
 
     return run(args.name, files=[str(Path(f).resolve()) for f in args.filename], down_on_exit=args.down_on_exit)
 

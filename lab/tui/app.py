@@ -25,23 +25,23 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from ..errors import LabError
-from . import commands, resources
-from .backend import Backend
-from .commands import Request
-from .model import LabModel
-from .screens.base import LabScreen
-from .screens.cluster import ClusterScreen
-from .screens.controlplane import ControlPlaneScreen
-from .screens.events import EventsScreen
-from .screens.flows import FlowsScreen
-from .screens.help import HelpScreen
-from .screens.pod import PodScreen
-from .screens.prompt import PromptScreen
-from .screens.resources import ResourceScreen
-from .screens.text import TextScreen
-from .screens.timeline import TimelineScreen
-from .screens.wire import WireScreen
+from lab.common.errors import LabError
+from lab.tui import commands, resources
+from lab.tui.backend import Backend
+from lab.tui.commands import Request
+from lab.tui.model import LabModel
+from lab.tui.screens.base import LabScreen
+from lab.tui.screens.cluster import ClusterScreen
+from lab.tui.screens.controlplane import ControlPlaneScreen
+from lab.tui.screens.events import EventsScreen
+from lab.tui.screens.flows import FlowsScreen
+from lab.tui.screens.help import HelpScreen
+from lab.tui.screens.pod import PodScreen
+from lab.tui.screens.prompt import PromptScreen
+from lab.tui.screens.resources import ResourceScreen
+from lab.tui.screens.text import TextScreen
+from lab.tui.screens.timeline import TimelineScreen
+from lab.tui.screens.wire import WireScreen
 
 TICK = 0.1  # seconds between drains of the backend's queue (at most 10 redraws a second)
 BATCH = 20_000  # messages folded per tick at most (the rest wait for the next tick)

@@ -37,10 +37,10 @@ from typing import Any
 
 import yaml
 
-from ..errors import LabError
-from . import capture
-from .commands import POD_TABS, Request, pod_tab_commands
-from .model import PodState
+from lab.common.errors import LabError
+from lab.tui import capture
+from lab.tui.commands import POD_TABS, Request, pod_tab_commands
+from lab.tui.model import PodState
 
 QUEUE_LIMIT = 100_000  # messages waiting for the app; beyond this, events are counted as dropped
 COMPONENTS_EVERY = 2.0  # seconds between `components` polls
@@ -215,7 +215,7 @@ class LiveBackend(Backend):
         if not self.step_on:
             return
         self.step_on = False
-        from ..supervisor.client import call
+        from lab.supervisor.client import call
 
         try:
             call(self.lab, "step_mode", timeout=EXIT_RELEASE_TIMEOUT, on=False)
@@ -254,10 +254,10 @@ class LiveBackend(Backend):
         self._old_handlers.clear()
 
     def _attach(self) -> None:
-        from .. import cli
+        from lab.supervisor import lifecycle
 
         try:
-            if not cli.supervisor_alive(self.lab):
+            if not lifecycle.supervisor_alive(self.lab):
                 if not self.start_if_needed:
                     raise LabError(f"lab {self.lab!r} is not running", f"start it with: sudo ambient-lab up --name {self.lab}")
                 self._start_lab()
@@ -274,9 +274,8 @@ class LiveBackend(Backend):
 
     def _start_lab(self) -> None:
         """`ambient-lab up` (quietly), while streaming the supervisor's progress into the TUI."""
-        from .. import cli
-        from ..supervisor.client import request
-        from ..supervisor.server import supervisor_socket
+        from lab.supervisor import lifecycle
+        from lab.supervisor.client import request, supervisor_socket
 
         self.post({"status": f"starting lab {self.lab}..."})
         done = threading.Event()
@@ -294,7 +293,7 @@ class LiveBackend(Backend):
         t = threading.Thread(target=progress, name="tui-progress", daemon=True)
         t.start()
         try:
-            cli.start_lab(self.lab, list(self.files or []), quiet=True)
+            lifecycle.start_lab(self.lab, list(self.files or []), quiet=True)
             self.started_lab = True
         finally:
             done.set()
@@ -302,7 +301,7 @@ class LiveBackend(Backend):
 
     def _follow(self, op: str, key: str, fields: dict) -> None:
         """Follow one streaming request; reconnect (quietly skipping replayed history) if it drops."""
-        from ..supervisor.client import request
+        from lab.supervisor.client import request
 
         replay_until = 0.0
         while not self._stop.is_set():
@@ -325,7 +324,7 @@ class LiveBackend(Backend):
             self._stop.wait(1.0)
 
     def _poll_components(self) -> None:
-        from ..supervisor.client import call
+        from lab.supervisor.client import call
 
         while not self._stop.is_set():
             try:
@@ -343,7 +342,7 @@ class LiveBackend(Backend):
             self._stop.wait(COMPONENTS_EVERY)
 
     def _call(self, op: str, fields: dict) -> dict:
-        from ..supervisor.client import call
+        from lab.supervisor.client import call
 
         try:
             return call(self.lab, op, timeout=120, **fields)
@@ -369,7 +368,7 @@ class LiveBackend(Backend):
         if pod is not None:
             path = self.request("resolve_pod", ref=pod.name, namespace=pod.namespace)["log"]
         else:
-            from ..state import run_dir
+            from lab.common.state import run_dir
 
             path = os.path.join(run_dir(self.lab), "logs", f"{component}_{node}.log")
         try:
@@ -388,8 +387,8 @@ class LiveBackend(Backend):
         ok, why = self.capture_support()
         if not ok:
             raise LabError(why)
-        from ..state import run_dir
-        from ..supervisor.components import tls_keylog
+        from lab.common.state import run_dir
+        from lab.supervisor.components import tls_keylog
 
         old = self._captures.pop(pod.key, None)
         if old is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model import DATAPLANE_MODE_LABEL
-from .resources import resolve_view
+from lab.kube.model import DATAPLANE_MODE_LABEL
+from lab.tui.resources import resolve_view
 
 # The pod view's tabs that read the kernel inside the pod's network namespace.
 POD_TABS = ("iptables", "sockets", "network")

@@ -29,10 +29,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from ..cni.enrolment import pod_is_ambient
-from ..events import Event
-from ..model import DATAPLANE_MODE_LABEL, REDIRECTION_ANNOTATION, USE_WAYPOINT_LABEL
-from .steps import decisive_policy, is_denial, step_title
+from lab.cni.enrolment import pod_is_ambient
+from lab.common.events import Event
+from lab.kube.model import DATAPLANE_MODE_LABEL, REDIRECTION_ANNOTATION, USE_WAYPOINT_LABEL
+from lab.tui.steps import decisive_policy, is_denial, step_title
 
 MAX_EVENTS = 5_000  # the event log view
 MAX_FLOWS = 500  # connections kept for the flows view
@@ -47,7 +47,7 @@ PER_NODE_COMPONENTS = ("istio-cni", "ztunnel", "kube-dns")
 # Mesh states a pod can be in, as the cluster view shows them.
 HBONE = "HBONE"  # captured: istio-cni installed the in-pod rules and ztunnel took the pod
 PENDING = "pending"  # captured, but ztunnel has not acknowledged the pod yet
-BYPASSED = "bypassed"  # ambient by its labels, yet not captured (started before istio-cni)
+BYPASSED = "bypassed"  # ambient by its labels, yet not captured (started before istio-cni was installed)
 OUT_OF_MESH = "out-of-mesh"  # not selected for ambient: plain TCP, kube-proxy only
 
 # Areas of the screen that folding can make stale.

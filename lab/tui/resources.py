@@ -13,16 +13,17 @@ from typing import Callable
 
 import yaml
 
-from ..model import DATAPLANE_MODE_LABEL, REDIRECTION_ANNOTATION
-from .model import BYPASSED, HBONE, OUT_OF_MESH, PENDING, LabModel, PodState
+from lab.kube.model import DATAPLANE_MODE_LABEL, REDIRECTION_ANNOTATION
+from lab.tui.model import BYPASSED, HBONE, OUT_OF_MESH, PENDING, LabModel, PodState
 
 MESH_EXPLAINED = {
     HBONE: "captured: istio-cni installed the in-pod REDIRECT rules and handed the pod's netns to ztunnel; "
            "its traffic to other meshed pods goes over HBONE (mTLS + HTTP/2 CONNECT to port 15008)",
     PENDING: "captured, but ztunnel has not acknowledged the pod yet: its traffic is redirected to "
              "ztunnel ports that are not listening, so it fails until ztunnel takes the pod",
-    BYPASSED: "its labels select it for ambient, yet istio-cni never captured it (it started before "
-              "istio-cni was ready): its traffic bypasses ztunnel",
+    BYPASSED: "its labels select it for ambient, yet istio-cni has not captured it (it started before "
+              "istio-cni was installed on its node): its traffic bypasses ztunnel until the agent's "
+              "informer enrols it, and connections it opened before stay outside the mesh",
     OUT_OF_MESH: "not selected for ambient (no istio.io/dataplane-mode=ambient on the pod or its namespace): "
                  "plain TCP, kube-proxy's DNAT only",
 }

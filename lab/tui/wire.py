@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import Flow, LabModel, Step
+from lab.tui.model import Flow, LabModel, Step
 
 
 @dataclass

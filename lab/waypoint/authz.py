@@ -49,8 +49,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lab.identity import Identity
 from lab.istiod.authorization import service_account_match
+from lab.tls.identity import Identity
 from lab.waypoint.routes import Request
 
 DENIED_STATUS = 403

@@ -40,12 +40,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.istiod.authorization import ROOT_NAMESPACE
-from lab.istiod.registry import (DOMAIN_SUFFIX, canonical_name, canonical_revision, has_cluster_ip,
-                                 resolve_target_port, service_hostname, workload_name)
-from lab.model import USE_WAYPOINT_LABEL, WAYPOINT_FOR_LABEL, pod_labels_match
-from lab.waypoint import authz, filters as flt
+from lab.istiod.registry import (
+    DOMAIN_SUFFIX,
+    canonical_name,
+    canonical_revision,
+    has_cluster_ip,
+    resolve_target_port,
+    service_hostname,
+    workload_name,
+)
+from lab.kube.model import USE_WAYPOINT_LABEL, WAYPOINT_FOR_LABEL, pod_labels_match
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN, Identity
+from lab.waypoint import authz
+from lab.waypoint import filters as flt
 from lab.waypoint.breaker import DestinationPolicy
 from lab.waypoint.routes import BackendRef, Route, parse_route
 

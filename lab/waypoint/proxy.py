@@ -63,43 +63,60 @@ from typing import Any
 
 from mitmproxy import http as mhttp
 
-from lab.hbone import (HboneConnection, HboneConnectionPool, HboneError, HboneHttpError, HboneStream,
-                       open_hbone_connection)
+from lab.hbone import (
+    HboneConnection,
+    HboneConnectionPool,
+    HboneError,
+    HboneHttpError,
+    HboneStream,
+    open_hbone_connection,
+)
 from lab.hbone.headers import Baggage, HboneRequest, create_hbone_request, parse_baggage, parse_forwarded
-from lab.identity import Identity
 from lab.tls.certificate import identities_in_cert, peer_certificate
-from lab.waypoint import authz, filters as flt, routes
-from lab.waypoint.breaker import (ACTIVE, NO_HEALTHY_UPSTREAM_BODY, NO_HEALTHY_UPSTREAM_FLAG, OVERFLOW, OVERFLOW_DETAILS,
-                                  OVERFLOW_FLAG, PENDING, CircuitBreaker, OutlierDetector, Ticket)
+from lab.tls.identity import Identity
+from lab.waypoint import authz, routes
+from lab.waypoint import filters as flt
+from lab.waypoint.breaker import (
+    ACTIVE,
+    NO_HEALTHY_UPSTREAM_BODY,
+    NO_HEALTHY_UPSTREAM_FLAG,
+    OVERFLOW,
+    OVERFLOW_DETAILS,
+    OVERFLOW_FLAG,
+    PENDING,
+    CircuitBreaker,
+    OutlierDetector,
+    Ticket,
+)
 from lab.waypoint.config import Backend, Endpoint, ServiceConfig, WaypointConfig
 from lab.waypoint.flows import FlowFile, flow_state
 from lab.waypoint.http1 import (  # noqa: F401 - the HTTP/1.1 codec (tests import its names from here too)
-    MAX_REQUEST_HEADERS,
-    MAX_REQUEST_BODY,
-    MAX_RESPONSE_HEADERS,
-    SERVER_HEADER,
     HOP_BY_HOP,
+    MAX_REQUEST_BODY,
+    MAX_REQUEST_HEADERS,
+    MAX_RESPONSE_HEADERS,
     READ_CHUNK,
+    SERVER_HEADER,
     HttpError,
+    HttpReader,
+    HttpRequest,
+    HttpResponseHead,
     LimitExceeded,
     Source,
-    HttpReader,
+    connection_tokens,
+    get_header,
     head_lines,
     header_pairs,
-    get_header,
-    connection_tokens,
-    strip_hop_by_hop,
-    wants_close,
-    HttpRequest,
-    read_chunked,
-    read_request,
-    serialize_head,
     http_date,
     local_reply,
-    response_body_size,
-    HttpResponseHead,
+    read_chunked,
+    read_request,
     read_response_head,
     response_body,
+    response_body_size,
+    serialize_head,
+    strip_hop_by_hop,
+    wants_close,
 )
 from lab.waypoint.telemetry import UNKNOWN, Metrics, Peer, RequestRecord, TraceContext, format_access_log, next_hop
 from lab.ztunnel.stepper import Stepper

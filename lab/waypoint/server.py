@@ -52,21 +52,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.errors import LabError
-from lab.events import EventEmitter
+from lab.common.admin_socket import admin_response, start_admin, stop_admin
+from lab.common.errors import LabError
+from lab.common.events import EventEmitter
+from lab.common.procname import name_process
 from lab.hbone import serve_hbone
-from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.tls.certificate import NoPeerIdentity, WorkloadCertificate
 from lab.tls.contexts import PeerVerificationError, verify_client_trust_domain
-from lab.admin_socket import admin_response, start_admin, stop_admin
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.waypoint.admin import config_dump
 from lab.waypoint.config import WaypointNotFound, build_waypoint_config
 from lab.waypoint.flows import FlowFile
 from lab.waypoint.proxy import HboneUpstream, TunnelPeer, WaypointProxy, upstream_san_prefix
 from lab.waypoint.telemetry import Metrics
 from lab.ztunnel.identity_manager import CaClient, CertificateUnavailable, IdentityManager
-from lab.ztunnel.stepper import Stepper
 from lab.ztunnel.main import wait_for_file, write_access_log  # the same bootstrap and access-log output
+from lab.ztunnel.stepper import Stepper
 from lab.ztunnel.tls_workload import WorkloadTls
 
 log = logging.getLogger("waypoint")
@@ -437,6 +438,7 @@ class Waypoint:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    name_process("waypoint")
     _setup_logging()
     emitter = EventEmitter(args.lab, "waypoint", args.node)
     try:

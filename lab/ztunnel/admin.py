@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
-from lab.identity import Identity
+from lab.tls.identity import Identity
 from lab.ztunnel.rbac import Authorization
 from lab.ztunnel.state import GatewayAddress, ProxyState, Service, Workload
 

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from lab.identity import Identity
+from lab.tls.identity import Identity
 from lab.ztunnel.state import ProxyState, Workload
 
 if TYPE_CHECKING:

@@ -35,17 +35,17 @@ from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any, Protocol
 
-from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
-from lab.tls.certificate import CertificateStore, WorkloadCertificate
-from lab.tls.contexts import PeerVerificationError
-from lab.tls.csr import build_csr, generate_key, private_key_pem
-from lab.xds import (
+from lab.proto.xds import (
     CreateCertificateRequest,
     CreateCertificateResponse,
     XdsProtocolError,
     decode,
     encode,
 )
+from lab.tls.certificate import CertificateStore, WorkloadCertificate
+from lab.tls.contexts import PeerVerificationError
+from lab.tls.csr import build_csr, generate_key, private_key_pem
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.ztunnel.xds.client import (
     ISTIOD_IDENTITY,
     Address,

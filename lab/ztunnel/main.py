@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.events import EventEmitter
+from lab.common.admin_socket import admin_response, start_admin, stop_admin
+from lab.common.events import EventEmitter
+from lab.common.procname import name_process
 from lab.ztunnel import access_log
-from lab.admin_socket import admin_response, start_admin, stop_admin
 from lab.ztunnel.admin import certificate_dump, config_dump
 from lab.ztunnel.cert_fetcher import CertFetcher
 from lab.ztunnel.config import Config, parse_config
@@ -246,5 +247,6 @@ async def run(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
+    name_process("ztunnel")
     _setup_logging()
     return asyncio.run(run(cfg))

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.identity import SPIFFE_PREFIX, Identity
+from lab.tls.identity import SPIFFE_PREFIX, Identity
 
 SCOPES = ("GLOBAL", "NAMESPACE", "WORKLOAD_SELECTOR")
 ACTIONS = ("ALLOW", "DENY")

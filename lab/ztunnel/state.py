@@ -1,7 +1,7 @@
 """What a ztunnel knows about the mesh: workloads, services, policies (zt:src/state.rs,
 zt:src/state/{workload,service,policy}.rs).
 
-istiod pushes two xDS types to every ztunnel (lab/xds.py):
+istiod pushes two xDS types to every ztunnel (lab/proto/xds.py):
 
 - `istio.workload.Address`, a oneof of
   - `Workload` (key: uid): one pod, with its IPs, its node, its identity (trust domain +
@@ -32,8 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
-from lab.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, Resource
+from lab.proto.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, Resource
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.ztunnel.rbac import (
     NO_WORKLOAD,
     Authorization,

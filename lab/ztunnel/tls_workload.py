@@ -22,9 +22,9 @@ import os
 import ssl
 from pathlib import Path
 
-from lab.identity import Identity
 from lab.tls.certificate import WorkloadCertificate
 from lab.tls.contexts import client_context, server_context
+from lab.tls.identity import Identity
 
 
 class WorkloadTls:

@@ -99,7 +99,7 @@ def leftovers(name: str) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if f"--name {name} " in cmd + " " or f" {name}-" in cmd:
+        if f"--name {name} " in cmd + " " or f"--lab {name} " in cmd + " " or f" {name}-" in cmd:
             found.append(f"process {pid}: {cmd[:120]}")
     return found
 

@@ -206,7 +206,7 @@ def test_ca_signs_only_identities_on_the_callers_node(tutorial: Lab):
     script = f"""
 import asyncio, sys
 sys.path.insert(0, '.')
-from lab.identity import Identity
+from lab.tls.identity import Identity
 from lab.ztunnel.identity_manager import CaClient
 from lab.tls.csr import generate_key, build_csr
 async def main():

@@ -50,11 +50,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from lab.hbone import HboneHttpError, HboneStreamReset, open_hbone_connection
-from lab.identity import Identity
 from lab.istiod.ca import CertificateAuthority, issue_leaf
 from lab.tls.certificate import WorkloadCertificate
 from lab.tls.contexts import server_context
 from lab.tls.csr import build_csr, generate_key, private_key_pem
+from lab.tls.identity import Identity
 from lab.ztunnel.identity_manager import CaClient
 from tests.lab.conftest import Lab, down, new_lab_name, up
 from tests.lab.test_capture import curl, redirection, wait_for

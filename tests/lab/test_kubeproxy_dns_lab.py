@@ -1,4 +1,4 @@
-"""Lab tests (root, real namespaces) for lab.kubeproxy and lab.dns.
+"""Lab tests (root, real namespaces) for lab.kube.kubeproxy and lab.kube.dns.
 
 Topology, all in namespaces this module creates and removes (prefix ``altest-kp-``)::
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.dns import resolv_conf
-from lab.kubeproxy import (
+from lab.kube.dns import resolv_conf
+from lab.kube.kubeproxy import (
     ServiceEndpoint,
     ServicePortRule,
     install_rules,
@@ -231,7 +231,7 @@ def test_cluster_dns_resolves_services_through_the_search_path(cluster, tmp_path
         "pods": {"10-244-2-2.default.pod.cluster.local": "10.244.2.2"},
     }))
     sh("ip", "-n", NODE, "addr", "add", f"{DNS_IP}/32", "dev", "lo")
-    dns = start_in_ns(NODE, [sys.executable, "-m", "lab.dns", "--records", str(records), "--listen", DNS_IP],
+    dns = start_in_ns(NODE, [sys.executable, "-m", "lab.kube.dns", "--records", str(records), "--listen", DNS_IP],
                       "serving", cluster)
     CLIENT_ETC.mkdir(parents=True, exist_ok=True)
     (CLIENT_ETC / "resolv.conf").write_text(resolv_conf("default", DNS_IP))

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.eventsink import EventSink
-
 from lab.cni import plugin_events as pe
 from lab.cni.iptables import inpod_rules
 from lab.ztunnel.inpod.workload_manager import WorkloadManager
 from tests.conftest import require_root
+from tests.eventsink import EventSink
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]
 
@@ -203,9 +202,10 @@ async def test_pending_snapshot_enabled_reconcile_replace_remove(env) -> None:
     n_rules = len(inpod_rules(False))
     await asyncio.to_thread(agent.start)
 
-    # 1. No ztunnel: rules go in, the pod is pending; the supervisor is not there either.
+    # 1. No ztunnel: rules go in, the pod is pending, and the ADD still fails (HTTP 500), so the
+    #    plugin fails the sandbox; the supervisor is not there either.
     reply = await agent.post("/cmdadd", ADD)
-    assert reply["redirection"] == "pending" and reply["error"] == "", reply
+    assert reply["redirection"] == "pending" and reply["error"].startswith("failed to add pod to the mesh: "), reply
     save = pod_save()
     assert "-A OUTPUT -j ISTIO_OUTPUT" in save and "--to-ports 15001" in save
     assert "32764:\tfrom all fwmark 0x111/0xfff lookup 100" in pod_rules()

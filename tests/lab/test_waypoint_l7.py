@@ -43,8 +43,8 @@ import time
 
 import pytest
 
+from lab.common.admin_socket import admin_request
 from lab.supervisor.components import waypoint_dir
-from lab.admin_socket import admin_request
 from lab.waypoint.flows import METADATA_KEY, read_flows
 from tests.conftest import require_conformance
 from tests.lab.conftest import Lab, down, new_lab_name, up

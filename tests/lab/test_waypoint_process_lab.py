@@ -39,14 +39,14 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
+from lab.common.admin_socket import admin_request
+from lab.common.netns import entered
 from lab.hbone import HboneConnection, HboneStream, open_hbone_connection
 from lab.hbone.headers import Baggage, create_hbone_request, parse_traceparent
-from lab.identity import Identity
-from lab.netns import entered
 from lab.tls.certificate import WorkloadCertificate
 from lab.tls.contexts import client_context, verify_server_identity
 from lab.tls.csr import build_csr, generate_key, private_key_pem
-from lab.admin_socket import admin_request
+from lab.tls.identity import Identity
 from lab.ztunnel.identity_manager import CaClient
 from lab.ztunnel.metrics import parse_exposition
 from tests.conftest import require_root

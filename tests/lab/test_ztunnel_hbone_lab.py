@@ -41,10 +41,10 @@ from typing import Any
 import pytest
 
 from lab.cni.iptables import install_inpod_rules
-from lab.model import REDIRECTION_ANNOTATION
-from lab.netns import entered
-from lab.supervisor.server import supervisor_socket
-from lab.zds import WorkloadInfo
+from lab.common.netns import entered
+from lab.kube.model import REDIRECTION_ANNOTATION
+from lab.proto.zds import WorkloadInfo
+from lab.supervisor.client import supervisor_socket
 from lab.ztunnel.metrics import parse_exposition
 from tests.conftest import require_root
 from tests.lab.test_ztunnel_lab import (

@@ -28,9 +28,9 @@ import pytest
 
 from lab.cni.iptables import install_inpod_rules
 from lab.cni.ztunnel_server import ZtunnelServer
-from lab.events import events_socket
-from lab.netns import entered
-from lab.zds import WorkloadInfo
+from lab.common.events import events_socket
+from lab.common.netns import entered
+from lab.proto.zds import WorkloadInfo
 from tests.conftest import require_root
 from tests.eventsink import EventSink
 

@@ -58,7 +58,7 @@ def curl(note: str) -> str:
 
 def capture_curl(note: str) -> tuple[str, dict[str, str]]:
     """A curl captured on the curl pod's eth0 and lo (lab/tui/capture.py); tshark's field outputs."""
-    from lab.state import run_dir
+    from lab.common.state import run_dir
     from lab.supervisor.client import call
     from lab.supervisor.components import tls_keylog
     from lab.tui import capture
@@ -136,8 +136,8 @@ spec:
 
 
 def play_race(tmp: Path) -> list[str]:
-    from lab.cli import default_scenario
     from lab.supervisor.client import call
+    from lab.supervisor.lifecycle import default_scenario
 
     (tmp / "ns.yaml").write_text(AMBIENT_DEFAULT_NS)
     (tmp / "late.yaml").write_text(LATE_PODS)

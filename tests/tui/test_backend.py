@@ -8,7 +8,7 @@ import time
 import pytest
 import yaml
 
-from lab.errors import LabError
+from lab.common.errors import LabError
 from lab.tui.backend import QUEUE_LIMIT, LiveBackend, RecordedBackend
 from lab.tui.model import PodState
 

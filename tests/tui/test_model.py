@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import zlib
 
-from lab.events import Event
+from lab.common.events import Event
 from lab.tui import model as M
 from lab.tui.backend import RecordedBackend
 from lab.tui.model import LabModel, mesh_state

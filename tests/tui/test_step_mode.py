@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from textual.widgets import DataTable, OptionList
 
-from lab.events import Event
+from lab.common.events import Event
 from lab.tui.app import LabApp
 from lab.tui.backend import RecordedBackend
 from lab.tui.commands import Request

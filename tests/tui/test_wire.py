@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lab.events import Event
+from lab.common.events import Event
 from lab.tui import wire
 from lab.tui.model import LabModel
 

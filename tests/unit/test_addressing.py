@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from lab import addressing, scheduler
-from lab.apiserver import ApiServer
-from lab.cli import default_scenario
-from lab.manifests import load_files
+from lab.kube import addressing, scheduler
+from lab.kube.apiserver import ApiServer
+from lab.kube.manifests import load_files
+from lab.supervisor.lifecycle import default_scenario
 
 
 def test_nodes_follow_kind():
@@ -70,7 +70,7 @@ spec:
   nodeName: nowhere
   containers: [{name: c, image: nginx}]
 """
-    from lab.manifests import load_text
+    from lab.kube.manifests import load_text
 
     api = ApiServer(lab="t", nodes=addressing.plan_nodes("t", 2))
     api.apply(load_text(text).resources)

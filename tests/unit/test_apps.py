@@ -24,11 +24,27 @@ import pytest
 from lab.apps import AppOptions, app_for_image, image_repository
 from lab.apps.__main__ import parse_args
 from lab.apps.bookinfo import upstream
-from lab.apps.http import (HttpError, HttpServer, Headers, Request, Response, body_framing,
-                           looks_like_http, parse_request_head, render_response,
-                           request as http_request, start_servers, wants_keep_alive)
-from lab.apps.httpbin import (canonical_header_key, format_go_duration, parse_delay,
-                              parse_status_choices, weighted_choice)
+from lab.apps.http import (
+    Headers,
+    HttpError,
+    HttpServer,
+    Request,
+    Response,
+    body_framing,
+    looks_like_http,
+    parse_request_head,
+    render_response,
+    start_servers,
+    wants_keep_alive,
+)
+from lab.apps.http import request as http_request
+from lab.apps.httpbin import (
+    canonical_header_key,
+    format_go_duration,
+    parse_delay,
+    parse_status_choices,
+    weighted_choice,
+)
 from lab.apps.productpage import ProductPage
 from lab.apps.reviews import RATINGS_UNAVAILABLE, reviews_document, version_config
 from lab.apps.tcp_echo import ports_and_prefix

@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-from lab import addressing, cli
-from lab.apiserver import ApiServer, resolve_kind
-from lab.errors import LabError
-from lab.manifests import load_text
+from lab.cli import main as cli
+from lab.common.errors import LabError
+from lab.kube import addressing
+from lab.kube.apiserver import ApiServer, resolve_kind
+from lab.kube.manifests import load_text
 
 
 def test_not_root_is_refused_before_anything_happens(monkeypatch, capsys, tmp_path):

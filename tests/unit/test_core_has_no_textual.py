@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-CORE = ["lab", "lab.cli", "lab.supervisor.server", "lab.ztunnel.main", "lab.istiod.server", "lab.cni.nodeagent",
+CORE = ["lab", "lab.cli.main", "lab.supervisor.server", "lab.ztunnel.main", "lab.istiod.server", "lab.cni.nodeagent",
         # the TUI's own plain-Python layer: the view model and the backends must not need Textual either
         "lab.tui", "lab.tui.model", "lab.tui.backend", "lab.tui.resources", "lab.tui.commands", "lab.tui.wire"]
 

@@ -1,6 +1,6 @@
-"""Unit tests for lab.dns: the cluster DNS (CoreDNS stand-in), without root.
+"""Unit tests for lab.kube.dns: the cluster DNS (CoreDNS stand-in), without root.
 
-Queries are built by hand here (not with lab.dns's own encoder) so that parse and build
+Queries are built by hand here (not with lab.kube.dns's own encoder) so that parse and build
 are checked against the wire format, not against each other. The server tests use real
 UDP/TCP sockets on 127.0.0.1 with an ephemeral port.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from lab.dns import (
+from lab.kube.dns import (
     DNSFormatError,
     DNSServer,
-    RecordStore,
     Records,
+    RecordStore,
     build_response,
     parse_query,
     resolv_conf,
@@ -278,7 +278,7 @@ def test_module_entry_point(tmp_path):
     path = tmp_path / "records.json"
     write_records(path, {"productpage.default.svc.cluster.local": "10.96.12.34"})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lab.dns", "--records", str(path), "--listen", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "lab.kube.dns", "--records", str(path), "--listen", "127.0.0.1", "--port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         port = None

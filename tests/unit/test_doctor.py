@@ -1,4 +1,4 @@
-"""Tests of `ambient-lab doctor` (lab/doctor.py): the node-readiness checks.
+"""Tests of `ambient-lab doctor` (lab/cli/doctor.py): the node-readiness checks.
 
 The decisions (package versions, the iptables-restore verdict, kernel config lookup, the
 report's format) are tested as pure functions. The whole run is tested for real on this
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import doctor
-from lab.doctor import Check, PythonPackage, format_checks, run_checks
+from lab.cli import doctor
+from lab.cli.doctor import Check, PythonPackage, format_checks, run_checks
 
 
 def doctor_netns_left() -> list[str]:

@@ -13,7 +13,7 @@ from lab.cni.enrolment import (
     pod_is_ambient,
     selected,
 )
-from lab.model import DATAPLANE_MODE_LABEL as MODE
+from lab.kube.model import DATAPLANE_MODE_LABEL as MODE
 
 POD = {"ambient": {MODE: "ambient"}, "none": {MODE: "none"}, "absent": {}}
 NS = {"ambient": {MODE: "ambient"}, "absent": {}}

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from h2.errors import ErrorCodes
 
-from lab.hbone import (ConnectRequest, HboneConnection, HboneConnectionLost, HboneConnectionPool,
-                       HboneHttpError, HboneStream, HboneStreamReset, copy_bidirectional,
-                       create_hbone_request, open_hbone_connection, serve_hbone)
+from lab.hbone import (
+    ConnectRequest,
+    HboneConnection,
+    HboneConnectionLost,
+    HboneConnectionPool,
+    HboneHttpError,
+    HboneStream,
+    HboneStreamReset,
+    copy_bidirectional,
+    create_hbone_request,
+    open_hbone_connection,
+    serve_hbone,
+)
 from lab.hbone import headers as H
 from lab.hbone.server import Handler, Respond, validate_connect_request
 from lab.hbone.stream import STREAM_WINDOW, WRITE_HIGH_WATER

@@ -29,16 +29,16 @@ from lab.hbone import (
     serve_hbone,
 )
 from lab.hbone.headers import connect_header_list
-from lab.identity import Identity
 from lab.istiod.ca import CertificateAuthority
+from lab.proto.xds import ADDRESS_TYPE
+from lab.proto.zds import WorkloadInfo
 from lab.tls.contexts import (
     IdentityMismatch,
     client_context,
     server_context,
     verify_server_identity,
 )
-from lab.xds import ADDRESS_TYPE
-from lab.zds import WorkloadInfo
+from lab.tls.identity import Identity
 from lab.ztunnel.config import Config
 from lab.ztunnel.identity_manager import IdentityManager
 from lab.ztunnel.inpod.netns import InpodNetns

@@ -21,8 +21,14 @@ from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFra
 
 from lab.hbone import ConnectRequest, HboneConnection, serve_hbone, wire
 from lab.hbone.server import Respond
-from lab.hbone.stream import (MAX_FRAME_SIZE, PASS_THROUGH_PAYLOAD, SMALL_PIECE, HboneFrameBuffer, HboneH2Connection,
-                              _take_frame_payload)
+from lab.hbone.stream import (
+    MAX_FRAME_SIZE,
+    PASS_THROUGH_PAYLOAD,
+    SMALL_PIECE,
+    HboneFrameBuffer,
+    HboneH2Connection,
+    _take_frame_payload,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

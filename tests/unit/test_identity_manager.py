@@ -1,6 +1,6 @@
 """ztunnel's certificate manager (lab/ztunnel/identity_manager.py) against a real
 CertificateAuthority (lab/istiod/ca.py) behind a small TLS server speaking the lab's
-CreateCertificate messages (lab/xds.py), on loopback.
+CreateCertificate messages (lab/proto/xds.py), on loopback.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from lab.identity import Identity
 from lab.istiod.ca import CertificateAuthority, CertificateRefused, issue_leaf
+from lab.proto.xds import CreateCertificateRequest, CreateCertificateResponse, decode, encode
 from lab.tls.csr import generate_key, load_csr, private_key_pem
-from lab.xds import CreateCertificateRequest, CreateCertificateResponse, decode, encode
-from lab.ztunnel.identity_manager import (CaClient, CertificateUnavailable, IdentityManager, Priority)
+from lab.tls.identity import Identity
+from lab.ztunnel.identity_manager import CaClient, CertificateUnavailable, IdentityManager, Priority
 
 pytestmark = pytest.mark.timeout(30)
 

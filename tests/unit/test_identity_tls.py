@@ -20,19 +20,32 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from lab.identity import DEFAULT_TRUST_DOMAIN, Identity
 from lab.istiod.ca import (
-    CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_GRACE_PERIOD, IMPERSONATION_FAILURE,
-    CertificateAuthority, CertificateRefused, issue_leaf, node_authorization_failure,
+    CA_CERT_FILE,
+    CA_KEY_FILE,
+    CLOCK_SKEW_GRACE_PERIOD,
+    IMPERSONATION_FAILURE,
+    CertificateAuthority,
+    CertificateRefused,
+    issue_leaf,
+    node_authorization_failure,
 )
 from lab.tls.certificate import (
-    CertificateStore, NoPeerIdentity, WorkloadCertificate, peer_identity,
+    CertificateStore,
+    NoPeerIdentity,
+    WorkloadCertificate,
+    peer_identity,
 )
 from lab.tls.contexts import (
-    IdentityMismatch, TrustDomainMismatch, client_context, server_context,
-    verify_client_trust_domain, verify_server_identity,
+    IdentityMismatch,
+    TrustDomainMismatch,
+    client_context,
+    server_context,
+    verify_client_trust_domain,
+    verify_server_identity,
 )
 from lab.tls.csr import InvalidCSR, build_csr, csr_identity, generate_key, private_key_pem
+from lab.tls.identity import DEFAULT_TRUST_DOMAIN, Identity
 
 SLEEP = Identity.of("default", "sleep")
 HTTPBIN = Identity.of("default", "httpbin")

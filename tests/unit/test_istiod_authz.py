@@ -11,7 +11,6 @@ import json
 
 import pytest
 
-from lab.identity import Identity
 from lab.istiod.authorization import (
     STATIC_STRICT_POLICY,
     build_authorizations,
@@ -20,9 +19,10 @@ from lab.istiod.authorization import (
     workload_policy_names,
 )
 from lab.istiod.server import build_config
-from lab.manifests import load_files, load_text
+from lab.kube.manifests import load_files, load_text
+from lab.proto.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE
 from lab.supervisor.server import Supervisor
-from lab.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from lab.tls.identity import Identity
 from lab.ztunnel.rbac import Connection
 from lab.ztunnel.state import ProxyState
 from tests.conftest import CONFORMANCE, require_conformance

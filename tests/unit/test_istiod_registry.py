@@ -12,8 +12,8 @@ import pytest
 
 from lab.istiod import registry
 from lab.istiod.registry import build_addresses
-from lab.manifests import load_files, load_text
-from lab.model import REDIRECTION_ANNOTATION
+from lab.kube.manifests import load_files, load_text
+from lab.kube.model import REDIRECTION_ANNOTATION
 from lab.supervisor.server import Supervisor
 from tests.conftest import CONFORMANCE, require_conformance
 

@@ -1,6 +1,6 @@
 """istiod's Delta xDS and CA over a real loopback TLS 1.3 connection (no root).
 
-The server is the real `Istiod` (server.py) on 127.0.0.1; the client is a few lines of lab.xds,
+The server is the real `Istiod` (server.py) on 127.0.0.1; the client is a few lines of lab.proto.xds,
 written here, acting as a ztunnel would. Events and logs are collected in lists.
 """
 
@@ -10,9 +10,9 @@ import asyncio
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from lab.identity import Identity
 from lab.istiod.ca import IMPERSONATION_FAILURE, CertificateAuthority
 from lab.istiod.server import (
     ISTIOD_IDENTITY,
@@ -39,13 +38,9 @@ from lab.istiod.server import (
     watch_cluster,
 )
 from lab.istiod.xds_server import resource_version
-from lab.manifests import load_files
-from lab.model import REDIRECTION_ANNOTATION
-from lab.supervisor.server import Supervisor
-from lab.tls.certificate import WorkloadCertificate
-from lab.tls.contexts import verify_server_identity
-from lab.tls.csr import build_csr, generate_key, private_key_pem
-from lab.xds import (
+from lab.kube.manifests import load_files
+from lab.kube.model import REDIRECTION_ANNOTATION
+from lab.proto.xds import (
     ADDRESS_TYPE,
     AUTHORIZATION_TYPE,
     MAX_LINE,
@@ -56,7 +51,11 @@ from lab.xds import (
     decode,
     encode,
 )
-
+from lab.supervisor.server import Supervisor
+from lab.tls.certificate import WorkloadCertificate
+from lab.tls.contexts import verify_server_identity
+from lab.tls.csr import build_csr, generate_key, private_key_pem
+from lab.tls.identity import Identity
 from tests.conftest import CONFORMANCE, require_conformance
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,7 +113,7 @@ async def harness():
 
 
 class Ztunnel:
-    """A minimal ztunnel-side client of lab.xds."""
+    """A minimal ztunnel-side client of lab.proto.xds."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, node: str) -> None:
         self.reader, self.writer, self.node = reader, writer, node

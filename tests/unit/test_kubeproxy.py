@@ -1,4 +1,4 @@
-"""Unit tests for lab.kubeproxy: kube-proxy's iptables rendering, without root.
+"""Unit tests for lab.kube.kubeproxy: kube-proxy's iptables rendering, without root.
 
 Chain names and rule lines marked "real" are taken from `iptables-save` dumps of real
 clusters (kind, kube-proxy in iptables mode) published in public write-ups.
@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from lab.kubeproxy import (
+from lab.kube.kubeproxy import (
     ServiceEndpoint,
     ServicePortRule,
     compute_probability,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lab import manifests
-from lab.errors import ManifestError
-from lab.model import Deployment, Service
+from lab.common.errors import ManifestError
+from lab.kube import manifests
+from lab.kube.model import Deployment, Service
 from tests.conftest import require_conformance
 
 
@@ -43,7 +43,7 @@ def test_later_kinds_are_stored():
 
 
 def test_default_scenario_mirrors_bookinfo():
-    from lab.cli import default_scenario
+    from lab.supervisor.lifecycle import default_scenario
 
     ours = manifests.load_files([default_scenario()])
     names = {(r.kind, r.name) for r in ours.resources}

@@ -15,8 +15,6 @@ import threading
 
 import pytest
 
-from tests.eventsink import EventSink
-
 from lab.cni import plugin_events as pe
 from lab.cni.nodeagent import (
     Annotator,
@@ -27,8 +25,9 @@ from lab.cni.nodeagent import (
     parse_pod_request,
     zds_event_message,
 )
-from lab.events import EventEmitter
+from lab.common.events import EventEmitter
 from lab.ztunnel.inpod.workload_manager import WorkloadManager
+from tests.eventsink import EventSink
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import addressing, printers
-from lab.apiserver import ApiServer
-from lab.errors import LabError
-from lab.manifests import load_files, load_text
-from lab.model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION
-from lab.printers import format_age, render
+from lab.common.errors import LabError
+from lab.kube import addressing, printers
+from lab.kube.apiserver import ApiServer
+from lab.kube.manifests import load_files, load_text
+from lab.kube.model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION
+from lab.kube.printers import format_age, render
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT.parent / "shared" / "conformance" / "istio" / "samples"

@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lab.identity import Identity
+from lab.tls.identity import Identity
 from lab.ztunnel import rbac
-from lab.ztunnel.rbac import (NOT_ALLOWED, Authorization, Connection, InvalidAuthorization, assert_rbac,
-                              matches)
+from lab.ztunnel.rbac import NOT_ALLOWED, Authorization, Connection, InvalidAuthorization, assert_rbac, matches
 from tests.conftest import require_conformance
 
 PLAINTEXT = Connection("10.244.1.1", None, "10.244.2.2", 8080)

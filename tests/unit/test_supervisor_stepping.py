@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lab.errors import LabError
-from lab.model import Node
+from lab.common.admin_socket import admin_response, start_admin, stop_admin
+from lab.common.errors import LabError
+from lab.kube.model import Node
 from lab.supervisor import stepping
 from lab.supervisor.stepping import ProxyAdmin, StepControl, proxy_admins, render_held, resolve_flow
-from lab.admin_socket import admin_response, start_admin, stop_admin
 from lab.ztunnel.stepper import Stepper
 
 A = "ab" * 16

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lab.identity import Identity
+from lab.tls.identity import Identity
 from lab.waypoint import authz
 from lab.waypoint.authz import Attributes, evaluate, parse_policy
 from lab.waypoint.config import build_waypoint_config

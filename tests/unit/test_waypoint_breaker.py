@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from lab.waypoint.breaker import (ACTIVE, OVERFLOW, PENDING, UNLIMITED, CircuitBreaker, ConnectionPoolSettings,
-                                  DestinationPolicy, OutlierDetectionSettings, OutlierDetector)
+from lab.waypoint.breaker import (
+    ACTIVE,
+    OVERFLOW,
+    PENDING,
+    UNLIMITED,
+    CircuitBreaker,
+    ConnectionPoolSettings,
+    DestinationPolicy,
+    OutlierDetectionSettings,
+    OutlierDetector,
+)
 from lab.waypoint.config import build_waypoint_config
 from tests.unit.test_waypoint_routes import bookinfo_snapshot
 

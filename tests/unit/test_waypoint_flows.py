@@ -12,8 +12,15 @@ from pathlib import Path
 from mitmproxy import http, io
 from mitmproxy.io import tnetstring
 
-from lab.waypoint.flows import (METADATA_KEY, FlowFile, flow_state, format_flow_line, make_flow, read_flows,
-                                tnetstring_dumps)
+from lab.waypoint.flows import (
+    METADATA_KEY,
+    FlowFile,
+    flow_state,
+    format_flow_line,
+    make_flow,
+    read_flows,
+    tnetstring_dumps,
+)
 from tests.unit.test_waypoint_telemetry import T0, record
 
 PAGE = b"<html><head><title>Simple Bookstore App</title></head>" + b"x" * 2000

@@ -24,15 +24,23 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from lab.common.admin_socket import admin_response
 from lab.hbone import ConnectRequest, HboneConnection, HboneHttpError, HboneStream, serve_hbone
 from lab.hbone.headers import Baggage, create_hbone_request, parse_forwarded, parse_traceparent
-from lab.identity import Identity
-from lab.admin_socket import admin_response
+from lab.tls.identity import Identity
 from lab.waypoint.admin import config_dump
 from lab.waypoint.config import build_waypoint_config
 from lab.waypoint.flows import FlowFile, format_flow_line, read_flows
-from lab.waypoint.proxy import (HboneUpstream, HttpError, HttpReader, TunnelPeer, WaypointProxy, matching_san,
-                                read_request, upstream_san_prefix)
+from lab.waypoint.proxy import (
+    HboneUpstream,
+    HttpError,
+    HttpReader,
+    TunnelPeer,
+    WaypointProxy,
+    matching_san,
+    read_request,
+    upstream_san_prefix,
+)
 from lab.waypoint.telemetry import Metrics
 
 TD = "cluster.local"

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lab.manifests import load_files, load_text
+from lab.kube.manifests import load_files, load_text
 from lab.supervisor.server import Supervisor
 from lab.waypoint import routes as rt
-from lab.waypoint.config import (WaypointNotFound, attached_waypoint, build_waypoint_config,
-                                 route_status_document)
+from lab.waypoint.config import WaypointNotFound, attached_waypoint, build_waypoint_config, route_status_document
 from lab.waypoint.routes import BackendRef, Request, RetryPolicy, parse_duration, parse_route, route_request
 from tests.conftest import CONFORMANCE, require_conformance
 

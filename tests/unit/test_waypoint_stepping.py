@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.admin_socket import admin_response
+from lab.common.admin_socket import admin_response
 from lab.ztunnel.stepper import Stepper
 from tests.unit.test_waypoint_proxy import PODS, RULES, Rig, get, waypoint_snapshot
 

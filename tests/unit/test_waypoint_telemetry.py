@@ -9,8 +9,16 @@ import re
 import pytest
 
 from lab.hbone.headers import parse_traceparent
-from lab.waypoint.telemetry import (DURATION_BUCKETS_MS, METRIC_LABELS, Metrics, Peer, RequestRecord,
-                                    format_access_log, format_start_time, next_hop)
+from lab.waypoint.telemetry import (
+    DURATION_BUCKETS_MS,
+    METRIC_LABELS,
+    Metrics,
+    Peer,
+    RequestRecord,
+    format_access_log,
+    format_start_time,
+    next_hop,
+)
 
 T0 = calendar.timegm((2026, 1, 2, 3, 4, 5)) + 0.678
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from lab import zds
 from lab.cni.ztunnel_server import AckTimeout, ZtunnelServer, ZtunnelUnavailable
-from lab.zds import (
+from lab.proto import zds
+from lab.proto.zds import (
     AddWorkload,
     DelWorkload,
     KeepWorkload,

@@ -21,10 +21,10 @@ from lab.hbone.headers import (
     format_baggage,
     parse_baggage,
 )
-from lab.identity import Identity
 from lab.istiod.ca import CertificateAuthority
-from lab.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE
-from lab.zds import WorkloadInfo
+from lab.proto.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE
+from lab.proto.zds import WorkloadInfo
+from lab.tls.identity import Identity
 from lab.ztunnel.admin import certificate_dump, chain_rows, config_dump, rfc3339
 from lab.ztunnel.cert_fetcher import CertFetcher, certificate_changes
 from lab.ztunnel.config import Config

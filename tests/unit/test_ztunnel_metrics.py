@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from lab.identity import Identity
-from lab.zds import WorkloadInfo
+from lab.proto.zds import WorkloadInfo
+from lab.tls.identity import Identity
 from lab.ztunnel.access_log import ConnectionResult, message
 from lab.ztunnel.config import Config
 from lab.ztunnel.inpod.netns import InpodNetns

@@ -12,10 +12,9 @@ from collections import Counter
 
 import pytest
 
-from lab.identity import Identity
-from lab.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, Resource
-from lab.ztunnel.proxy.decision import (Hbone, NoHealthyUpstream, Passthrough, Tcp, UnknownWaypoint,
-                                        build_request)
+from lab.proto.xds import ADDRESS_TYPE, AUTHORIZATION_TYPE, Resource
+from lab.tls.identity import Identity
+from lab.ztunnel.proxy.decision import Hbone, NoHealthyUpstream, Passthrough, Tcp, UnknownWaypoint, build_request
 from lab.ztunnel.rbac import Connection
 from lab.ztunnel.state import ProxyState, Service, Workload, weighted_choice
 

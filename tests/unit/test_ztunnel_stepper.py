@@ -224,7 +224,7 @@ async def test_pool_connect_ahead_opens_the_tunnel_that_the_connect_then_uses() 
 
     from lab.hbone import HboneConnection, serve_hbone
     from lab.hbone.headers import create_hbone_request
-    from lab.identity import Identity
+    from lab.tls.identity import Identity
     from lab.ztunnel.proxy.pool import WorkloadHbonePool, WorkloadKey
 
     servers: list[asyncio.Task] = []

@@ -12,11 +12,11 @@ import struct
 
 import pytest
 
+from lab.common.admin_socket import admin_response
 from lab.ztunnel.access_log import ConnectionResult, format_line, level, message, timestamp
 from lab.ztunnel.config import ILLEGAL_PORTS, Config, parse_config
 from lab.ztunnel.inpod.netns import NetnsID
 from lab.ztunnel.inpod.statemanager import decide_add, pods_to_drain
-from lab.admin_socket import admin_response
 from lab.ztunnel.proxy import CONNECTION_DRAIN, SelfCall, io_error, listener_plan, new_trace_id
 from lab.ztunnel.proxy.decision import Passthrough
 from lab.ztunnel.proxy.inbound_passthrough import inbound_target

@@ -1,5 +1,5 @@
 """ztunnel's Delta ADS client (lab/ztunnel/xds/client.py) against a small real TLS server that
-speaks the lab's xDS wire protocol (lab/xds.py: JSON lines over TLS 1.3).
+speaks the lab's xDS wire protocol (lab/proto/xds.py: JSON lines over TLS 1.3).
 
 The server here is a scripted istiod: the test decides what it answers and reads what the
 client sent (subscriptions, ACKs, NACKs), over a real TLS connection on loopback.
@@ -15,9 +15,16 @@ from pathlib import Path
 import pytest
 
 from lab.istiod.ca import CertificateAuthority, issue_leaf
+from lab.proto.xds import (
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    Resource,
+    decode,
+    encode,
+)
 from lab.tls.csr import generate_key, private_key_pem
-from lab.xds import (ADDRESS_TYPE, AUTHORIZATION_TYPE, DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-                     decode, encode)
 from lab.ztunnel.state import ProxyState
 from lab.ztunnel.xds.client import XdsClient
 
@@ -45,7 +52,7 @@ def istiod_server_context(ca: CertificateAuthority, directory: Path,
 
 
 class ScriptedIstiod:
-    """A TLS server speaking lab.xds; records every request, sends what the test says."""
+    """A TLS server speaking lab.proto.xds; records every request, sends what the test says."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx

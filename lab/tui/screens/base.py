@@ -8,11 +8,11 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from ..widgets.status_bar import StatusBar
+from lab.tui.widgets.status_bar import StatusBar
 
 if TYPE_CHECKING:
-    from ..app import LabApp
-    from ..model import LabModel
+    from lab.tui.app import LabApp
+    from lab.tui.model import LabModel
 
 
 class LabScreen(Screen):

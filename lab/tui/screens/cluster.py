@@ -11,8 +11,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import OptionList, Static
 
-from ..widgets.node_panel import NodePanel
-from .base import LabScreen
+from lab.tui.screens.base import LabScreen
+from lab.tui.widgets.node_panel import NodePanel
 
 LEGEND = ("◆ HBONE: in the mesh   ◇ pending: ztunnel has not taken it yet   ✗ bypassed: ambient by its labels "
           "but not captured   · out-of-mesh")

@@ -16,8 +16,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from .base import LabScreen
-from .flows import clock
+from lab.tui.screens.base import LabScreen
+from lab.tui.screens.flows import clock
 
 PUSH_COLUMNS = ["TIME", "TYPE", "RESOURCES", "REMOVED", "BYTES", "SIDECAR-EQUIV", "TARGETS", "REASON"]
 

@@ -7,9 +7,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import Input, RichLog
 
-from ...events import Event
-from ..model import MAX_EVENTS
-from .base import LabScreen
+from lab.common.events import Event
+from lab.tui.model import MAX_EVENTS
+from lab.tui.screens.base import LabScreen
 
 COMPONENT_STYLE = {"ztunnel": "cyan", "istio-cni": "magenta", "istiod": "blue", "supervisor": "white",
                    "kube-proxy": "green", "waypoint": "yellow"}

@@ -14,9 +14,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable
 
-from .. import resources
-from ..model import Flow, LabModel
-from .resources import FilterableTable
+from lab.tui import resources
+from lab.tui.model import Flow, LabModel
+from lab.tui.screens.resources import FilterableTable
 
 COLUMNS = ["TIME", "SOURCE", "DESTINATION", "PATH", "STATUS", "BYTES", "STEPS"]
 STATUS_STYLE = {"denied": "bold red", "failed": "red", "held": "bold magenta", "open": "yellow", "closed": "green"}

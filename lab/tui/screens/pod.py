@@ -3,7 +3,8 @@
 - overview: `kubectl describe`, the pod's mesh state explained, its events from the stream;
 - events / flows: what the stream says about it, and the connections it took part in;
 - iptables: the in-pod rules istio-cni installed (`iptables-legacy-save -c`, with counters);
-- sockets: `ss -tanp` in the pod: ztunnel's 15001/15006/15008 listeners sit in the pod's netns;
+- sockets: `ss -tanp` in the pod: ztunnel's 15001/15006/15008 listeners sit in the pod's netns,
+  owned by the process named `ztunnel` (a summary above the output says who owns what);
 - network: its veth, routes and the fwmark rule that keeps the client's source IP.
 
 The kernel tabs run `ip netns exec <pod netns> ...` (root, a live lab); a recording answers
@@ -19,11 +20,11 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static, TabbedContent, TabPane
 
-from ...errors import LabError
-from .. import iptables_view, resources
-from ..commands import POD_TABS
-from .base import LabScreen
-from .flows import flow_cells
+from lab.common.errors import LabError
+from lab.tui import iptables_view, resources, sockets_view
+from lab.tui.commands import POD_TABS
+from lab.tui.screens.base import LabScreen
+from lab.tui.screens.flows import flow_cells
 
 TABS = ("overview", "events", "flows", *POD_TABS)
 LIVE_REREAD_EVERY = 2.0  # seconds between re-reads of the iptables tab while it is shown (live labs)
@@ -141,6 +142,8 @@ class PodScreen(LabScreen):
             body = iptables_view.render(text, previous)
             self.query_one(f"#tab-{tab}", Static).update(Text.assemble(head + "\n\n", body) if head else body)
             return
+        if tab == "sockets" and (head := sockets_view.summary(text)):
+            text = f"{head}\n\n{text}"
         self.query_one(f"#tab-{tab}", Static).update(Text(text))
 
     def update_view(self, dirty, flow_changes, full) -> None:

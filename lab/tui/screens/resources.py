@@ -11,8 +11,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Input
 
-from .. import resources
-from .base import LabScreen
+from lab.tui import resources
+from lab.tui.screens.base import LabScreen
 
 
 class FilterableTable(LabScreen):

@@ -12,8 +12,8 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from ...errors import LabError
-from .base import LabScreen
+from lab.common.errors import LabError
+from lab.tui.screens.base import LabScreen
 
 
 class TextScreen(LabScreen):

@@ -24,10 +24,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..model import Flow, HeldStep, Step
-from ..steps import format_details, is_denial, step_reference
-from .base import LabScreen
-from .flows import STATUS_STYLE, clock
+from lab.tui.model import Flow, HeldStep, Step
+from lab.tui.screens.base import LabScreen
+from lab.tui.screens.flows import STATUS_STYLE, clock
+from lab.tui.steps import format_details, is_denial, step_reference
 
 
 def offset_ms(flow: Flow, step: Step) -> str:

@@ -15,9 +15,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from ...errors import LabError
-from .. import capture, wire
-from .base import LabScreen
+from lab.common.errors import LabError
+from lab.tui import capture, wire
+from lab.tui.screens.base import LabScreen
 
 CAPTURE_ROWS = 60  # rows of each leg shown (a long download has many DATA records)
 ENDED = ("closed", "denied", "failed")

@@ -12,7 +12,7 @@ from textual.containers import Vertical
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..model import BYPASSED, HBONE, OUT_OF_MESH, PENDING, ComponentState, PodState
+from lab.tui.model import BYPASSED, HBONE, OUT_OF_MESH, PENDING, ComponentState, PodState
 
 MESH_STYLE = {HBONE: "bold green", PENDING: "bold yellow", BYPASSED: "bold red", OUT_OF_MESH: "dim"}
 MESH_MARK = {HBONE: "◆", PENDING: "◇", BYPASSED: "✗", OUT_OF_MESH: "·"}

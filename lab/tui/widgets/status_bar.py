@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from ..model import HBONE, LabModel
+from lab.tui.model import HBONE, LabModel
 
 
 class StatusBar(Static):

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from lab.zds import WorkloadInfo
+from lab.proto.zds import WorkloadInfo
 from lab.ztunnel.config import Config
 from lab.ztunnel.inpod.netns import InpodNetns, NetnsID
 from lab.ztunnel.metrics import Metrics

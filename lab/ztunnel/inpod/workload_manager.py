@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lab.zds import (
+from lab.proto.zds import (
     AddWorkload,
     DelWorkload,
     KeepWorkload,

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lab.hbone import HboneError, wire
-from lab.identity import Identity
-from lab.zds import WorkloadInfo
+from lab.proto.zds import WorkloadInfo
+from lab.tls.identity import Identity
 from lab.ztunnel import access_log
 from lab.ztunnel.config import Config
 from lab.ztunnel.inpod.netns import InpodNetns

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lab.hbone.headers import format_authority
-from lab.identity import Identity
+from lab.tls.identity import Identity
 from lab.ztunnel.socket import format_addr
 from lab.ztunnel.state import HBONE_PORT, GatewayAddress, ProxyState, Service, Workload
 

@@ -46,9 +46,8 @@ import logging
 import socket
 import ssl
 
-from lab.hbone import ConnectRequest, HboneError, RejectedStream, serve_hbone
+from lab.hbone import ConnectRequest, HboneError, RejectedStream, serve_hbone, wire
 from lab.hbone import copy_bidirectional as hbone_copy
-from lab.hbone import wire
 from lab.hbone.headers import (
     STATUS_BAD_REQUEST,
     STATUS_OK,
@@ -59,9 +58,9 @@ from lab.hbone.headers import (
     parse_forwarded,
     parse_traceparent,
 )
-from lab.identity import Identity
 from lab.tls.certificate import NoPeerIdentity, WorkloadCertificate
 from lab.tls.contexts import ALPN_H2, PeerVerificationError, verify_client_trust_domain
+from lab.tls.identity import Identity
 from lab.ztunnel.identity_manager import CertificateUnavailable
 from lab.ztunnel.proxy import (
     COPY_CHUNK,

@@ -38,8 +38,8 @@ from lab.hbone import (
     open_hbone_connection,
 )
 from lab.hbone.headers import Header
-from lab.identity import Identity
 from lab.tls.contexts import IdentityMismatch, verify_server_identity
+from lab.tls.identity import Identity
 from lab.ztunnel.proxy import ProxyError, io_error
 from lab.ztunnel.socket import Addr, format_addr, upstream_socket
 

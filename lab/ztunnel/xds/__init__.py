@@ -1,6 +1,6 @@
 """ztunnel's xDS client (zt:src/xds/): the Delta ADS stream to istiod that fills the ProxyState.
 
-See lab/ztunnel/xds/client.py; the wire messages are in lab/xds.py.
+See lab/ztunnel/xds/client.py; the wire messages are in lab/proto/xds.py.
 """
 
 from lab.ztunnel.xds.client import XdsClient, istiod_client_context

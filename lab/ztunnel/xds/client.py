@@ -17,7 +17,7 @@ One long-lived stream to istiod (port 15012, TLS) carries everything ztunnel kno
 
 Events: ztunnel.xds.connected, .received {type_url, added, updated, removed, version, nonce,
 bytes}, .ack, .nack {error}, .ready, .disconnected {error, retry_in}. `on_event(kind, msg,
-**fields)` has the signature of lab.events.EventEmitter.emit; `on_change(result)` is called
+**fields)` has the signature of lab.common.events.EventEmitter.emit; `on_change(result)` is called
 (or awaited) after each response that changed the state.
 """
 
@@ -31,18 +31,18 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lab.identity import Identity
-from lab.tls.contexts import PeerVerificationError, verify_server_identity
-from lab.xds import (
+from lab.proto.xds import (
     MAX_LINE,
     TYPE_URLS,
-    client_tls_context,
     DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,
     XdsProtocolError,
+    client_tls_context,
     decode,
     encode,
 )
+from lab.tls.contexts import PeerVerificationError, verify_server_identity
+from lab.tls.identity import Identity
 from lab.ztunnel.state import ApplyResult, ProxyState
 
 log = logging.getLogger(__name__)

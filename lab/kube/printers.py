@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import yaml
 
-from .errors import LabError
-from .model import (
+from lab.common.errors import LabError
+from lab.kube.model import (
     CLUSTER_SCOPED_KINDS,
     CNI_NOT_READY_TAINT,
     REDIRECTION_ANNOTATION,
@@ -53,7 +53,7 @@ from .model import (
 )
 
 if TYPE_CHECKING:
-    from .apiserver import ApiServer
+    from lab.kube.apiserver import ApiServer
 
 Key = tuple[str, str, str]
 Extra = Mapping[Key, Mapping[str, Any]]

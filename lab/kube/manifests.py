@@ -13,8 +13,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from .errors import ManifestError
-from .model import (
+from lab.common.errors import ManifestError
+from lab.kube.model import (
     CLUSTER_SCOPED_KINDS,
     STORED_KINDS,
     Container,

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from pyroute2 import IPRoute
 
-from . import addressing, netns
-from .model import Node
-from .state import LabRecord
+from lab.common import netns
+from lab.common.state import LabRecord
+from lab.kube import addressing
+from lab.kube.model import Node
 
 
 def build_fabric(lab: str, record: LabRecord) -> str:

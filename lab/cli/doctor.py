@@ -543,7 +543,7 @@ def run_checks(extra: Iterable[Callable[[], Check]] = (), *, path: str | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lab.doctor`: print the report; exit status 1 when anything failed."""
+    """`python -m lab.cli.doctor`: print the report; exit status 1 when anything failed."""
     checks = run_checks()
     print(format_checks(checks))
     return 0 if all(c.ok for c in checks) else 1

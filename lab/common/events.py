@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .state import run_dir
+from lab.common.state import run_dir
 
 MAX_EVENT = 1 << 20
 

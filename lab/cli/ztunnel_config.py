@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .printers import tabulate
+from lab.kube.printers import tabulate
 
 SECTIONS = ("workloads", "services", "policies", "certificates", "connections")
 ALIASES = {"workload": "workloads", "service": "services", "policy": "policies", "certificate": "certificates",
@@ -20,7 +20,7 @@ ALIASES = {"workload": "workloads", "service": "services", "policy": "policies",
 def section(word: str) -> str:
     s = ALIASES.get(word, word)
     if s not in SECTIONS and s != "all":
-        from .errors import LabError
+        from lab.common.errors import LabError
 
         raise LabError(f"unknown ztunnel-config section {word!r}", "one of: " + ", ".join(SECTIONS + ("all",)))
     return s

@@ -13,8 +13,8 @@ import shutil
 import signal
 import time
 
-from . import netns
-from .state import RUN_ROOT, LabRecord, ProcessEntry, is_alive, run_dir
+from lab.common import netns
+from lab.common.state import RUN_ROOT, LabRecord, ProcessEntry, is_alive, run_dir
 
 
 def stop_processes(entries: list[ProcessEntry], grace: float = 0.5) -> None:

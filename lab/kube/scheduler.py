@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict
 
-from .model import Node, PodTemplate
+from lab.kube.model import Node, PodTemplate
 
 # Kubernetes' "safe" alphabet for generated names (no vowels, no confusable characters).
 ALPHABET = "bcdfghjklmnpqrstvwxz2456789"

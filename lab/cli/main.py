@@ -12,12 +12,13 @@ import os
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
-from . import manifests, state
-from .errors import LabError
-from .state import DEFAULT_LAB
+from lab.common import state
+from lab.common.errors import LabError
+from lab.common.state import DEFAULT_LAB
+from lab.kube import manifests
+from lab.supervisor.lifecycle import down_one, start_lab, supervisor_alive
 
 NEXT_STEPS = """\
 Next, in this terminal or another one (as root):
@@ -28,10 +29,6 @@ Next, in this terminal or another one (as root):
   ip netns exec {node} iptables-legacy-save -t nat   kube-proxy's rules on a node
   ambient-lab label namespace default istio.io/dataplane-mode=ambient
   ambient-lab down                                  remove the lab (nothing is left behind)"""
-
-
-def default_scenario() -> str:
-    return str(resources.files("lab") / "scenarios" / "default.yaml")
 
 
 def need_root() -> None:
@@ -45,7 +42,7 @@ def lab_name(args: argparse.Namespace) -> str:
 
 
 def request(args: argparse.Namespace, op: str, **fields) -> dict:
-    from .supervisor.client import call
+    from lab.supervisor.client import call
 
     return call(lab_name(args), op, **fields)
 
@@ -59,79 +56,16 @@ def emit(reply: dict) -> int:
 
 
 # -- up / down / status ------------------------------------------------------------------------
-def supervisor_alive(lab: str) -> bool:
-    rec = state.LabRecord.load(lab)
-    return bool(rec and rec.supervisor and state.is_alive(rec.supervisor))
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     need_root()
     files = [str(Path(f).resolve()) for f in args.filename]
-    start_lab(lab_name(args), files, nodes=args.nodes, quiet=args.quiet, no_cni_taint=args.no_cni_taint,
-              cert_ttl=args.cert_ttl)
-    return 0
-
-
-def start_lab(lab: str, files: list[str], nodes: int = 0, quiet: bool = False, no_cni_taint: bool = False,
-              cert_ttl: int = 0) -> float:
-    """Build a lab and start its supervisor; returns when it is ready (seconds taken). Used by `up` and the TUI."""
-    if supervisor_alive(lab):
-        raise LabError(f"a lab named {lab!r} is already running",
-                       f"use it, remove it with `sudo ambient-lab down --name {lab}`, or pick another --name")
-    files = files or [default_scenario()]
-    loaded = manifests.load_files(files)  # bad input fails here, before anything is built
-    workers = nodes or (loaded.cluster.workers if loaded.cluster else 2)
-    if not 1 <= workers <= 20:
-        raise LabError(f"--nodes {workers}: the lab builds 1 to 20 worker nodes")
-    missing = [t for t in ("ip", "iptables-legacy-restore", "iptables-legacy-save") if not _which(t)]
-    if missing:
-        raise LabError(f"missing tools: {', '.join(missing)}", "install them with: sudo make setup "
-                       "(or apt-get install iptables iproute2); `ambient-lab doctor` checks everything")
-    if state.LabRecord.load(lab):  # a previous supervisor died: clear what it left first
-        if not quiet:
-            print(f"removing what a previous run of lab {lab!r} left behind", file=sys.stderr)
-        from .cleanup import teardown
-
-        teardown(state.LabRecord.load(lab))  # type: ignore[arg-type]
-    t0 = time.monotonic()
-    os.makedirs(state.run_dir(lab), exist_ok=True)
-    log = open(os.path.join(state.run_dir(lab), "supervisor.log"), "ab")
-    cmd = [sys.executable, "-m", "lab.supervisor", "--name", lab, "--nodes", str(workers)]
-    if no_cni_taint:
-        cmd.append("--no-cni-taint")
-    if cert_ttl:
-        cmd += ["--cert-ttl", str(cert_ttl)]
-    for f in files:
-        cmd += ["-f", f]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    log.close()
-    from .supervisor.client import request as sup_request
-    from .supervisor.server import supervisor_socket
-
-    while not os.path.exists(supervisor_socket(lab)):
-        if proc.poll() is not None:
-            raise LabError(f"the supervisor exited at start (code {proc.returncode})",
-                           f"see {state.run_dir(lab)}/supervisor.log")
-        time.sleep(0.01)
-    try:
-        for msg in sup_request(lab, "wait_ready", timeout=300):
-            if "progress" in msg and not quiet:
-                print("  " + msg["progress"], file=sys.stderr)
-    except LabError:
-        proc.wait(timeout=30)  # the supervisor removes what it built before it exits
-        raise
-    took = time.monotonic() - t0
-    if not quiet:
+    lab = lab_name(args)
+    took = start_lab(lab, files, nodes=args.nodes, quiet=args.quiet, no_cni_taint=args.no_cni_taint,
+                     cert_ttl=args.cert_ttl)
+    if not args.quiet:
         print(f"lab {lab!r} is up ({took:.2f}s). ", file=sys.stderr)
         print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
-    return took
-
-
-def _which(tool: str) -> bool:
-    import shutil
-
-    return shutil.which(tool) is not None or shutil.which(tool, path="/usr/sbin:/sbin") is not None
+    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -142,30 +76,6 @@ def cmd_down(args: argparse.Namespace) -> int:
     for lab in labs:
         down_one(lab)
     return 0
-
-
-def down_one(lab: str) -> None:
-    """Ask the supervisor to remove its lab; if it is gone, remove what its record lists ourselves."""
-    from .cleanup import teardown
-    from .supervisor.client import call
-
-    rec = state.LabRecord.load(lab)
-    if rec is None:
-        print(f"lab {lab!r} is not running: nothing to remove", file=sys.stderr)
-        return
-    t0 = time.monotonic()
-    if rec.supervisor and state.is_alive(rec.supervisor):
-        try:
-            call(lab, "down", timeout=30)
-        except LabError:
-            pass
-        deadline = time.monotonic() + 10
-        while state.is_alive(rec.supervisor) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    rec = state.LabRecord.load(lab)  # the supervisor may have removed it all already
-    if rec is not None:
-        teardown(rec)
-    print(f"lab {lab!r} removed ({time.monotonic() - t0:.2f}s)", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -336,8 +246,8 @@ def follow_files(files: list[tuple[str, str]]) -> int:
 
 def ztunnel_admin(args: argparse.Namespace, op: str) -> list[tuple[str, object, str]]:
     """Ask every node's ztunnel (or --node's) over its admin socket: [(node, answer, error)]."""
-    from .admin_socket import admin_request
-    from .supervisor.components import NodeSockets
+    from lab.common.admin_socket import admin_request
+    from lab.supervisor.components import NodeSockets
 
     lab = lab_name(args)
     out: list[tuple[str, object, str]] = []
@@ -352,7 +262,7 @@ def ztunnel_admin(args: argparse.Namespace, op: str) -> list[tuple[str, object, 
 
 
 def cmd_ztunnel_config(args: argparse.Namespace) -> int:
-    from . import ztunnel_config
+    from lab.cli import ztunnel_config
 
     which = ztunnel_config.section(args.section)
     rc = 0
@@ -382,7 +292,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(str(text).rstrip("\n"))
     if args.node:
         return rc
-    from .admin_socket import admin_request
+    from lab.common.admin_socket import admin_request
 
     for w in request(args, "waypoints", all_namespaces=True)["waypoints"]:
         try:
@@ -425,7 +335,7 @@ def capture_decrypted(lab: str, netns_name: str, iface: str, args: argparse.Name
     TLS 1.3 can be decrypted only from the start of a connection (the handshake must be in the
     capture), so start this before the traffic; pooled tunnels opened earlier stay opaque.
     """
-    from .supervisor.components import tls_keylog
+    from lab.supervisor.components import tls_keylog
 
     pcap = os.path.join(state.run_dir(lab), f"capture-{os.getpid()}.pcap")
     record = ["ip", "netns", "exec", netns_name, "tcpdump", "-i", iface, "-n", "-U", "-w", pcap,
@@ -501,7 +411,7 @@ def cmd_waypoint(args: argparse.Namespace) -> int:
     if not rows:
         print("No waypoints found.", file=sys.stderr)
         return 0
-    from .printers import tabulate
+    from lab.kube.printers import tabulate
 
     head = (["NAMESPACE"] if args.all_namespaces else []) + ["NAME", "REVISION", "PROGRAMMED"]
     body = [([w["namespace"]] if args.all_namespaces else []) + [w["name"], "default", w["programmed"]] for w in rows]
@@ -511,7 +421,7 @@ def cmd_waypoint(args: argparse.Namespace) -> int:
 
 def cmd_flows(args: argparse.Namespace) -> int:
     """The waypoints' HTTP flows, as `mitmdump -nr` prints them; the files open in mitmproxy/mitmweb as they are."""
-    from .waypoint.flows import format_flow_line, read_flows
+    from lab.waypoint.flows import format_flow_line, read_flows
 
     rows = request(args, "waypoints", namespace=args.namespace, all_namespaces=True)["waypoints"]
     if args.waypoint:
@@ -562,7 +472,7 @@ def cmd_step(args: argparse.Namespace) -> int:
     """Step mode, the mesh debugger: hold new connections in the proxies before each step."""
     import json
 
-    from .supervisor.stepping import render_held
+    from lab.supervisor.stepping import render_held
 
     lab = lab_name(args)
     action = args.action
@@ -618,8 +528,8 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .events import Event
-    from .supervisor.client import request as sup_request
+    from lab.common.events import Event
+    from lab.supervisor.client import request as sup_request
 
     try:
         for msg in sup_request(lab_name(args), "trace", timeout=None, follow=args.follow, pod=args.pod or ""):
@@ -637,7 +547,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_iptables(args: argparse.Namespace) -> int:
     """A pod's iptables rules, read from the kernel inside its namespace, with packet counters."""
     need_root()
-    from .cni.iptables import read_inpod_rules
+    from lab.cni.iptables import read_inpod_rules
 
     pod = request(args, "resolve_pod", ref=args.pod, namespace=args.namespace)
     table = f" -t {args.table}" if args.table else ""
@@ -656,8 +566,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def lab_checks(lab: str) -> list:
     """doctor's checks of a running lab: its per-node components, and ambient pods that escaped capture."""
-    from .doctor import Check
-    from .supervisor.client import call
+    from lab.cli.doctor import Check
+    from lab.supervisor.client import call
 
     r = call(lab, "components")
     checks = []
@@ -666,17 +576,17 @@ def lab_checks(lab: str) -> list:
                             f"pid {c['pid']}" if c["running"] else "not running",
                             f"ambient-lab restart {c['component']} {c['node']} --name {lab}"))
     for pod in r["uncaptured"]:
-        ns, name = pod.split("/", 1)
         checks.append(Check(f"lab {lab}: pod {pod} is captured", False,
                             "its namespace is ambient but the pod has no ambient.istio.io/redirection: it started "
-                            "before istio-cni was ready and its traffic bypasses ztunnel",
-                            f"re-enrol it: ambient-lab label pod {name} -n {ns} --name {lab} "
-                            "istio.io/dataplane-mode=none, then the same with istio.io/dataplane-mode-"))
+                            "before istio-cni was installed on its node, and its traffic bypasses ztunnel until "
+                            "the agent's informer enrols it",
+                            f"check istio-cni on its node (ambient-lab logs cni --name {lab}); connections the pod "
+                            "opened before capture stay outside the mesh until it restarts"))
     return checks
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import doctor
+    from lab.cli import doctor
 
     labs = [lab_name(args)] if args.name else [lab for lab in state.running_labs() if supervisor_alive(lab)]
     extra = [lambda lab=lab: lab_checks(lab) for lab in labs]
@@ -695,7 +605,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     need_root()
     if not sys.stdin.isatty() or not sys.stdout.isatty():
         raise LabError("the TUI needs a terminal", "run it in a terminal, or use the commands: ambient-lab --help")
-    from .tui import run
+    from lab.tui import run
 
     files = [str(Path(f).resolve()) for f in getattr(args, "filename", [])]
     return run(lab_name(args), files=files or None, down_on_exit=getattr(args, "down_on_exit", False))
@@ -712,7 +622,9 @@ def cmd_default(args: argparse.Namespace) -> int:
         print(f"lab {lab!r} is already running.", file=sys.stderr)
         print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
         return 0
-    start_lab(lab, [])
+    took = start_lab(lab, [])
+    print(f"lab {lab!r} is up ({took:.2f}s). ", file=sys.stderr)
+    print(NEXT_STEPS.format(node=f"{lab}-worker"), file=sys.stderr)
     return 0
 
 

@@ -18,13 +18,16 @@ import sys
 
 from pyroute2 import IPRoute
 
-from . import addressing, dns, netns
-from .apps import app_for_image
-from .model import Node, Pod
-from .state import LabRecord
+from lab.apps import app_for_image
+from lab.common import netns
+from lab.common.state import LabRecord
+from lab.kube import addressing, dns
+from lab.kube.model import Node, Pod
 
 ETC_NETNS = "/etc/netns"
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the directory holding the `lab` package: apps start with `python -S` (no site-packages), so they
+# find it through PYTHONPATH
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pod_etc_dir(pod: Pod) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
-from .model import Node
+from lab.kube.model import Node
 
 NODE_NETWORK = ipaddress.ip_network("172.18.0.0/16")
 FABRIC_GATEWAY = "172.18.0.1"

@@ -3,18 +3,24 @@
 Real Kubernetes splits this over the API server, the Deployment and ReplicaSet controllers,
 the scheduler, the EndpointSlice controller and IPAM. The lab keeps them as pure code over one
 store so that a whole cluster state can be computed (and tested) without touching the kernel;
-the supervisor then makes the kernel match it (lab/kubelet.py, lab/kubeproxy.py).
+the supervisor then makes the kernel match it (lab/kube/kubelet.py, lab/kube/kubeproxy.py).
+
+Controllers from outside Kubernetes (istiod's deployment controller, which turns a waypoint
+Gateway into a Deployment and a Service) are registered with `ApiServer(controllers=[...])` and
+write through the same store, as a real controller watches the API server and writes through it:
+the API server knows nothing of Istio.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from . import addressing, scheduler
-from .apps import app_for_image
-from .errors import LabError, ManifestError, NotFound
-from .model import (
+from lab.apps import app_for_image
+from lab.common.errors import LabError, ManifestError, NotFound
+from lab.kube import addressing, scheduler
+from lab.kube.model import (
     Deployment,
     Namespace,
     Node,
@@ -68,12 +74,20 @@ class ApplyResult:
     action: str  # created | configured | unchanged
 
 
+class Controller(Protocol):
+    """A controller in the Kubernetes sense: it reads objects from the API server and creates,
+    updates or deletes the objects it owns through it, until what exists is what it wants."""
+
+    def reconcile(self, api: "ApiServer") -> None: ...
+
+
 @dataclass
 class ApiServer:
     """The desired state of one lab's cluster, and the derived pods, addresses and endpoints."""
 
     lab: str
     nodes: list[Node]
+    controllers: list[Controller] = field(default_factory=list)  # run before the built-in ones
     objects: dict[tuple[str, str, str], Resource] = field(default_factory=dict)
     created: dict[tuple[str, str, str], float] = field(default_factory=dict)
 
@@ -99,6 +113,16 @@ class ApiServer:
         if obj is None:
             raise NotFound(f'{kind.lower()}s "{name}" not found' + (f" in namespace {namespace!r}" if ns else ""))
         return obj
+
+    def create(self, obj: Resource) -> None:
+        """Create an object on a controller's behalf (a Service gets its ClusterIP, as on apply)."""
+        if isinstance(obj, Service):
+            self._assign_cluster_ip(obj, None)
+        self._put(obj)
+
+    def remove(self, obj: Resource) -> None:
+        """Delete an object on a controller's behalf."""
+        self.objects.pop(obj.key, None)
 
     def pods(self, namespace: str | None = None) -> list[Pod]:
         return self.list("Pod", namespace)  # type: ignore[return-value]
@@ -169,8 +193,9 @@ class ApiServer:
 
     # -- controllers --------------------------------------------------------------------------
     def reconcile(self) -> None:
-        """Gateway deployment controller + Deployment controller + scheduler + IPAM."""
-        self._reconcile_waypoints()
+        """The registered controllers, then the Deployment controller, the scheduler and IPAM."""
+        for controller in self.controllers:
+            controller.reconcile(self)
         wanted: dict[tuple, Pod] = {}
         for d in self.list("Deployment"):
             assert isinstance(d, Deployment) and d.template
@@ -192,20 +217,6 @@ class ApiServer:
             if key not in self.objects:
                 self._put(pod)
         self._place_pods()
-
-    def _reconcile_waypoints(self) -> None:
-        """istiod's deployment controller: each waypoint Gateway gets its ServiceAccount, Deployment, Service."""
-        from .istiod.deployment_controller import is_waypoint_gateway, owner_of, waypoint_objects
-
-        wanted = {o.key: o for g in self.list("Gateway") if is_waypoint_gateway(g) for o in waypoint_objects(g)}
-        for key, obj in list(self.objects.items()):
-            if owner_of(obj) and key not in wanted:
-                del self.objects[key]
-        for key, obj in wanted.items():
-            if key not in self.objects:
-                if isinstance(obj, Service):
-                    self._assign_cluster_ip(obj, None)
-                self._put(obj)
 
     def _place_pods(self) -> None:
         load: dict[str, int] = {}

@@ -36,7 +36,7 @@ rename over the old one) whenever Services or pods change::
 The server notices a new file by its ``os.stat`` (inode, mtime, size), checked at most
 every 100 ms, the way CoreDNS's cache of the API server is refreshed by a watch.
 
-Run it: ``python -m lab.dns --records FILE --listen 10.96.0.10 [--port 53]``. It serves
+Run it: ``python -m lab.kube.dns --records FILE --listen 10.96.0.10 [--port 53]``. It serves
 UDP and TCP (DNS over TCP: each message prefixed by its 2-byte length) and logs one
 line per query to stdout, shaped like CoreDNS's ``log`` plugin, plus the answer.
 
@@ -54,8 +54,10 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lab.common.procname import name_process
 
 CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_NAMESERVER = "10.96.0.10"
@@ -522,11 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import signal
 
-    parser = argparse.ArgumentParser(prog="python -m lab.dns", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.kube.dns", description=__doc__.splitlines()[0])
     parser.add_argument("--records", required=True, help="JSON file of services and pods")
     parser.add_argument("--listen", default=DEFAULT_NAMESERVER, help="address to serve on")
     parser.add_argument("--port", type=int, default=53)
     args = parser.parse_args(argv)
+    name_process("kube-dns")
 
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ready line: stop cleanly from then on
@@ -534,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     store = RecordStore(args.records, log=_print_line)
     server = DNSServer(store, args.listen, args.port).start()
     store.get()
-    _print_line(f"[INFO] lab.dns serving {CLUSTER_DOMAIN} on {args.listen}:{server.address[1]} "
+    _print_line(f"[INFO] lab.kube.dns serving {CLUSTER_DOMAIN} on {args.listen}:{server.address[1]} "
                 f"(udp, tcp), records from {args.records}")
     while not done.wait(0.5):
         pass

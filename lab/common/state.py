@@ -24,7 +24,7 @@ def run_dir(lab: str) -> str:
 
 
 def check_lab_name(lab: str) -> str:
-    from .errors import LabError
+    from lab.common.errors import LabError
 
     if not LAB_NAME.match(lab):
         raise LabError(f"invalid lab name {lab!r}",
