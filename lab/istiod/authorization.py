@@ -13,6 +13,9 @@ plain data of a cluster snapshot:
   `workload_policy_names`);
 - policies with `targetRefs` (or the older `targetRef`) are for a waypoint: NOT sent to ztunnel;
 - actions ALLOW and DENY convert; CUSTOM and AUDIT are not supported by ztunnel (not sent);
+- a dry-run policy (annotation `istio.io/dry-run: "true"`) is sent, with `dry_run` set, only when
+  istiod runs with the feature `AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY=true` (off by default,
+  pilot/pkg/features/ambient.go); otherwise it is not sent and its status says why;
 - HTTP (L7) attributes cannot be enforced by ztunnel. In an ALLOW rule the whole rule is
   dropped (more restrictive than written); in a DENY rule only the HTTP parts are dropped, and
   what named nothing but HTTP attributes is left as an empty Match that never matches (see
@@ -45,8 +48,9 @@ for `to`, and one clause per `when` condition.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 #: meshConfig.rootNamespace: selector-less policies here apply mesh-wide.
 ROOT_NAMESPACE = "istio-system"
@@ -64,6 +68,13 @@ L4_WHEN_KEYS: dict[str, tuple[str, str]] = {
 #: HTTP attributes of `to.operation` and `from.source` (only a waypoint can enforce them).
 L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks")
+
+
+#: istiod's feature flag for dry-run policies in ambient (pilot/pkg/features/ambient.go), off by default.
+DRY_RUN_FEATURE = "AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY"
+DRY_RUN_DISABLED = ("the policy is dry-run (istio.io/dry-run), and support for ambient dry-run "
+                    f"authorizationPolicies isn't enabled: it is not sent to ztunnel. Set {DRY_RUN_FEATURE}=true "
+                    "on istiod (ztunnel 1.29 or later) to have ztunnel log what it would decide.")
 
 
 def l7_warning(action: str, found: list[str]) -> str:
@@ -228,28 +239,41 @@ def policy_scope(namespace: str, spec: dict, root_namespace: str = ROOT_NAMESPAC
     return "GLOBAL" if namespace == root_namespace else "NAMESPACE"
 
 
-def convert_policy(namespace: str, name: str, raw: dict,
-                   root_namespace: str = ROOT_NAMESPACE) -> tuple[dict | None, list[str]]:
+def dry_run_feature_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """istiod's feature flag AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY (default false), read from
+    istiod's environment as Istio's features are: `AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY=true
+    ambient-lab up` turns it on for a lab."""
+    return environ.get(DRY_RUN_FEATURE, "false").lower() in ("1", "true", "t", "yes")
+
+
+def is_dry_run(raw: dict) -> bool:
+    annotations = (raw.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get("istio.io/dry-run", "")).lower() == "true"
+
+
+def convert_policy(namespace: str, name: str, raw: dict, root_namespace: str = ROOT_NAMESPACE,
+                   dry_run_enabled: bool = False) -> tuple[dict | None, list[str]]:
     """One AuthorizationPolicy manifest -> (the Authorization for ztunnel or None, warnings).
 
-    None means "not for ztunnel": a policy with targetRefs (a waypoint enforces it) or with an
-    action ztunnel does not implement (CUSTOM, AUDIT)."""
+    None means "not for ztunnel": a policy with targetRefs (a waypoint enforces it), with an
+    action ztunnel does not implement (CUSTOM, AUDIT), or a dry-run policy while istiod's dry-run
+    feature is off (authorization.go `convertAuthorizationPolicy`)."""
     spec = raw.get("spec") or {}
     if has_target_refs(spec):
         return None, []
     action = spec.get("action") or "ALLOW"
     if action not in ("ALLOW", "DENY"):
         return None, [f"ztunnel does not support the {action} action"]
+    if is_dry_run(raw) and not dry_run_enabled:
+        return None, [DRY_RUN_DISABLED]
     conv = _Converter(namespace)
     rules = []
     for rule in spec.get("rules") or []:
         converted = convert_rule(rule or {}, action, conv)
         if converted is not None:
             rules.append(converted)
-    annotations = (raw.get("metadata") or {}).get("annotations") or {}
     return ({"name": name, "namespace": namespace, "scope": policy_scope(namespace, spec, root_namespace),
-             "action": action, "rules": rules,
-             "dry_run": str(annotations.get("istio.io/dry-run", "")).lower() == "true"},
+             "action": action, "rules": rules, "dry_run": is_dry_run(raw)},
             list(dict.fromkeys(conv.warnings)))
 
 
@@ -267,7 +291,7 @@ def _objects(snapshot: dict, kind: str) -> list[dict]:
                   key=lambda o: (o.get("namespace", ""), o.get("name", "")))
 
 
-def build_authorizations(snapshot: dict, root_namespace: str = ROOT_NAMESPACE
+def build_authorizations(snapshot: dict, root_namespace: str = ROOT_NAMESPACE, dry_run_enabled: bool = False
                          ) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """Every Authorization istiod sends to ztunnel, keyed "ns/name", and the status warnings of
     every AuthorizationPolicy ("ns/name" -> list of messages, empty when all is well)."""
@@ -275,7 +299,8 @@ def build_authorizations(snapshot: dict, root_namespace: str = ROOT_NAMESPACE
     statuses: dict[str, list[str]] = {}
     for obj in _objects(snapshot, "AuthorizationPolicy"):
         key = f"{obj['namespace']}/{obj['name']}"
-        converted, warnings = convert_policy(obj["namespace"], obj["name"], obj.get("raw") or {}, root_namespace)
+        converted, warnings = convert_policy(obj["namespace"], obj["name"], obj.get("raw") or {}, root_namespace,
+                                             dry_run_enabled)
         statuses[key] = warnings
         if converted is not None:
             resources[key] = converted
@@ -326,7 +351,7 @@ def peer_authentication_mode(snapshot: dict, namespace: str, labels: dict[str, s
 
 
 def workload_policy_names(snapshot: dict, namespace: str, labels: dict[str, str],
-                          root_namespace: str = ROOT_NAMESPACE) -> list[str]:
+                          root_namespace: str = ROOT_NAMESPACE, dry_run_enabled: bool = False) -> list[str]:
     """The `authorization_policies` of one workload: the WORKLOAD_SELECTOR policies (of its own
     namespace or the root namespace) that select it, sorted, then the static STRICT policy when
     its PeerAuthentication mode is STRICT. NAMESPACE and GLOBAL policies are not listed:
@@ -338,7 +363,8 @@ def workload_policy_names(snapshot: dict, namespace: str, labels: dict[str, str]
         spec = (obj.get("raw") or {}).get("spec") or {}
         if spec.get("selector") is None or not selector_selects(spec["selector"], labels):
             continue
-        converted, _ = convert_policy(obj["namespace"], obj["name"], obj.get("raw") or {}, root_namespace)
+        converted, _ = convert_policy(obj["namespace"], obj["name"], obj.get("raw") or {}, root_namespace,
+                                      dry_run_enabled)
         if converted is not None:
             names.append(f"{obj['namespace']}/{obj['name']}")
     names.sort()

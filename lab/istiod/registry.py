@@ -127,7 +127,8 @@ def workload_services(pod: dict, services: list[dict], domain_suffix: str = DOMA
 
 def build_workload(pod: dict, snapshot: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN,
                    domain_suffix: str = DOMAIN_SUFFIX, waypoint_of: WaypointLookup = no_waypoints,
-                   root_namespace: str = authorization.ROOT_NAMESPACE) -> dict[str, Any]:
+                   root_namespace: str = authorization.ROOT_NAMESPACE, dry_run_enabled: bool = False
+                   ) -> dict[str, Any]:
     """One pod -> Workload (workload.proto field names)."""
     labels = pod.get("labels") or {}
     protocol, native = tunnel_protocol(pod)
@@ -151,7 +152,7 @@ def build_workload(pod: dict, snapshot: dict, trust_domain: str = DEFAULT_TRUST_
         "workload_name": wl_name,
         "services": workload_services(pod, snapshot.get("services") or [], domain_suffix),
         "authorization_policies": authorization.workload_policy_names(snapshot, pod["namespace"], labels,
-                                                                      root_namespace),
+                                                                      root_namespace, dry_run_enabled),
         "status": "HEALTHY" if pod.get("phase") == "Running" else "UNHEALTHY",
         "capacity": 1,
         "cluster_id": CLUSTER_ID,
@@ -193,13 +194,14 @@ def is_workload_pod(pod: dict) -> bool:
 
 def build_addresses(snapshot: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN, *,
                     domain_suffix: str = DOMAIN_SUFFIX, waypoint_of: WaypointLookup = no_waypoints,
-                    root_namespace: str = authorization.ROOT_NAMESPACE) -> dict[str, dict]:
+                    root_namespace: str = authorization.ROOT_NAMESPACE, dry_run_enabled: bool = False
+                    ) -> dict[str, dict]:
     """The whole WDS state: resource name -> Address ({"workload": ...} or {"service": ...})."""
     out: dict[str, dict] = {}
     for pod in snapshot.get("pods") or []:
         if is_workload_pod(pod):
             out[pod["uid"]] = {"workload": build_workload(pod, snapshot, trust_domain, domain_suffix, waypoint_of,
-                                                          root_namespace)}
+                                                          root_namespace, dry_run_enabled)}
     for svc in snapshot.get("services") or []:
         if has_cluster_ip(svc):
             resource = build_service(svc, snapshot, domain_suffix, waypoint_of)

@@ -162,12 +162,14 @@ def write_root_cert(ca: CertificateAuthority, ca_dir: str | os.PathLike[str]) ->
 
 
 def build_config(snapshot: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                 root_namespace: str = authorization.ROOT_NAMESPACE
+                 root_namespace: str = authorization.ROOT_NAMESPACE, dry_run_enabled: bool = False
                  ) -> tuple[dict[str, dict[str, dict]], dict[str, list[str]]]:
-    """A cluster snapshot -> ({type URL: {name: resource}}, policy statuses)."""
+    """A cluster snapshot -> ({type URL: {name: resource}}, policy statuses). `dry_run_enabled` is
+    istiod's AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY feature (off by default)."""
     addresses = registry.build_addresses(snapshot, trust_domain, root_namespace=root_namespace,
-                                         waypoint_of=waypoints.waypoint_lookup(snapshot))
-    policies, statuses = authorization.build_authorizations(snapshot, root_namespace)
+                                         waypoint_of=waypoints.waypoint_lookup(snapshot),
+                                         dry_run_enabled=dry_run_enabled)
+    policies, statuses = authorization.build_authorizations(snapshot, root_namespace, dry_run_enabled)
     return {ADDRESS_TYPE: addresses, AUTHORIZATION_TYPE: policies}, statuses
 
 
@@ -182,12 +184,13 @@ class Istiod:
 
     def __init__(self, ca: CertificateAuthority, authenticate: Callable[[str], str | None],
                  emit: Emit, log: Log = istiod_log, *, root_namespace: str = authorization.ROOT_NAMESPACE,
-                 debounce: float = DEBOUNCE) -> None:
+                 debounce: float = DEBOUNCE, dry_run_enabled: bool = False) -> None:
         self.ca = ca
         self.emit = emit
         self.log = log
         self.root_namespace = root_namespace
         self.debounce = debounce
+        self.dry_run_enabled = dry_run_enabled
         self.snapshot: dict | None = None
         self.statuses: dict[str, list[str]] = {}
         self.discovery = DiscoveryServer(authenticate, emit, log)
@@ -215,7 +218,8 @@ class Istiod:
         if self.snapshot is None:
             return False
         t0 = time.monotonic()
-        config, statuses = build_config(self.snapshot, self.ca.trust_domain, self.root_namespace)
+        config, statuses = build_config(self.snapshot, self.ca.trust_domain, self.root_namespace,
+                                        self.dry_run_enabled)
         self._report_statuses(statuses)
         changed = self.discovery.update(config, mesh_pod_count(self.snapshot))
         if changed:
@@ -362,7 +366,7 @@ async def run(lab: str, listen: str, ca_dir: str, tokens_file: str, workload_cer
     if not tokens.tokens:
         istiod_log("warn", "ca", f"no node tokens in {tokens_file} (yet): every ztunnel will be refused "
                                  f"until the file names its node")
-    istiod = Istiod(ca, tokens.authenticate, emitter.emit)
+    istiod = Istiod(ca, tokens.authenticate, emitter.emit, dry_run_enabled=authorization.dry_run_feature_enabled())
     server = await istiod.serve(host, port, server_tls_context(cert))
     host, port = server.sockets[0].getsockname()[:2]
     istiod_log("info", "ca", f"CA root {root_path} (trust domain {trust_domain}), workload cert TTL "

@@ -6,6 +6,13 @@ namespace's (`none` opts out); the Gateway must be of class `istio-waypoint`, ac
 traffic (`istio.io/waypoint-for`: service by default, workload, all or none) and allow the
 object's namespace. Waypoints never get a waypoint themselves. The answer is a GatewayAddress,
 which istiod puts in the Service's (or Workload's) `waypoint` field for ztunnel.
+
+A waypoint is attached only once its Gateway has an address in its status, which happens when
+its Deployment has a ready pod (`gatewayToWaypointTransform` skips a Gateway while
+`status.addresses` is empty; `fetchWaypointForTarget` reports WaypointIsNotReady). Until then
+ztunnel sends the traffic straight to the pods and the waypoint's L7 policy is skipped: the
+bypass Istio's docs warn about (istio/istio.io#17520). `ambient-lab waypoint apply --wait`
+waits for that moment. (The lab keeps the address once assigned, as the Service keeps its IP.)
 """
 
 from __future__ import annotations
@@ -30,9 +37,14 @@ def waypoint_gateways(snapshot: dict) -> dict[tuple[str, str], dict]:
             if o["kind"] == "Gateway" and ((o.get("raw") or {}).get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS}
 
 
+def gateway_has_address(gateway: dict) -> bool:
+    """Is the waypoint ready to be used: does its Gateway's status carry an address?"""
+    return bool(((gateway.get("status") or {}).get("addresses")))
+
+
 def waypoint_lookup(snapshot: dict, domain_suffix: str = "cluster.local") -> Callable[[str, dict, dict], dict | None]:
     """The registry's `waypoint_of(kind, obj, namespace_labels)` for this snapshot."""
-    gateways = waypoint_gateways(snapshot)
+    gateways = {k: g for k, g in waypoint_gateways(snapshot).items() if gateway_has_address(g)}
 
     def waypoint_of(kind: str, obj: dict, namespace_labels: dict[str, str]) -> dict | None:
         labels = obj.get("labels") or {}

@@ -190,7 +190,7 @@ def _service_fields(spec: dict, where: Source, what: str) -> dict:
         if not isinstance(target, str):
             target = _port(target, where, f"{what} targetPort")
         ports.append(ServicePort(port=port, target_port=target, name=str(p.get("name", "")),
-                                 protocol=p.get("protocol", "TCP")))
+                                 protocol=p.get("protocol", "TCP"), app_protocol=str(p.get("appProtocol", "") or "")))
     return dict(selector=_strmap(spec.get("selector"), where, "selector"), ports=ports,
                 cluster_ip=spec.get("clusterIP", "") or "", type=spec.get("type", "ClusterIP"))
 

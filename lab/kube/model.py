@@ -123,6 +123,7 @@ class ServicePort:
     target_port: int | str
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""  # `appProtocol`: what Istio reads first to choose HTTP or TCP handling
 
 
 @dataclass

@@ -96,6 +96,7 @@ class Supervisor:
         self.cni_installed: set[str] = set()
         self.enrolled: dict[tuple, str] = {}  # pod key -> the agent's last answer (enabled|pending)
         self.sandbox_retry: dict[tuple, SandboxRetry] = {}  # pods whose sandbox failed: kubelet retries them
+        self.gateway_addresses: dict[tuple, str] = {}  # waypoint Gateway -> the address in its status
         self.generation = 0  # bumped on every change watchers (istiod) must see
         self.changed_cond = asyncio.Condition()
         self.stepping = StepControl(self.step_targets, self.emit)  # step mode, the mesh debugger
@@ -420,10 +421,12 @@ class Supervisor:
                                    for cp in c.ports if cp.name}})
         services = [{"name": s.name, "namespace": s.namespace, "cluster_ip": s.cluster_ip, "labels": s.meta.labels,
                      "selector": s.selector, "ports": [{"name": sp.name, "port": sp.port, "target_port": sp.target_port,
-                                                        "protocol": sp.protocol} for sp in s.ports]}
+                                                        "protocol": sp.protocol, "app_protocol": sp.app_protocol}
+                                                       for sp in s.ports]}
                     for s in self.api.services()]
+        gateway_status = self.gateway_status()
         others = [{"kind": o.kind, "api_version": o.api_version, "namespace": o.namespace, "name": o.name,
-                   "labels": o.meta.labels, "raw": o.raw}
+                   "labels": o.meta.labels, "raw": o.raw, "status": gateway_status.get(key, {}).get("status", {})}
                   for key, o in sorted(self.api.objects.items())
                   if key[0] not in ("Pod", "Service", "Deployment", "Namespace", "ServiceAccount")]
         return {"generation": self.generation,
@@ -666,18 +669,23 @@ class Supervisor:
         return out
 
     def gateway_status(self) -> dict:
-        """A waypoint Gateway is Programmed once its pod runs; its address is its Service's ClusterIP."""
+        """A waypoint Gateway's status, as istiod's gateway controller writes it: Programmed while a
+        pod is ready; `status.addresses` (its Service's ClusterIP) from the first time one was, and
+        kept. istiod attaches the waypoint only once the address is there (lab/istiod/waypoints.py)."""
         from lab.istiod.deployment_controller import GATEWAY_NAME_LABEL, is_waypoint_gateway
 
         out = {}
-        for gw in self.api.list("Gateway"):
-            if not is_waypoint_gateway(gw):
-                continue
+        gateways = [gw for gw in self.api.list("Gateway") if is_waypoint_gateway(gw)]
+        self.gateway_addresses = {k: v for k, v in self.gateway_addresses.items() if k in {g.key for g in gateways}}
+        for gw in gateways:
             svc = self.api.objects.get(("Service", gw.namespace, gw.name))
             pods = [p for p in self.api.pods(gw.namespace) if p.meta.labels.get(GATEWAY_NAME_LABEL) == gw.name]
             running = any(p.phase == "Running" for p in pods)
-            out[gw.key] = {"address": svc.cluster_ip if isinstance(svc, Service) else "",
-                           "programmed": "True" if running else "False"}
+            if running and isinstance(svc, Service) and svc.cluster_ip:
+                self.gateway_addresses[gw.key] = svc.cluster_ip
+            address = self.gateway_addresses.get(gw.key, "")
+            out[gw.key] = {"address": address, "programmed": "True" if running else "False",
+                           "status": {"addresses": [{"type": "IPAddress", "value": address}] if address else []}}
         return out
 
     async def op_waypoints(self, req: dict, reply: Reply) -> None:

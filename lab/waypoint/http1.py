@@ -74,6 +74,19 @@ class HttpReader:
     def at_eof(self) -> bool:
         return self._eof and not self._buf
 
+    def peek(self) -> bytes:
+        """What is buffered, without consuming it (protocol sniffing looks at the first bytes)."""
+        return bytes(self._buf)
+
+    def take_buffered(self) -> bytes:
+        """Hand over what is buffered (a TCP chain after sniffing forwards it first)."""
+        data, self._buf = bytes(self._buf), bytearray()
+        return data
+
+    async def fill(self) -> bool:
+        """Read once more from the source into the buffer; False at end of stream."""
+        return await self._fill()
+
     async def _fill(self) -> bool:
         if self._eof:
             return False

@@ -74,7 +74,7 @@ from lab.hbone import (
 from lab.hbone.headers import Baggage, HboneRequest, create_hbone_request, parse_baggage, parse_forwarded
 from lab.tls.certificate import identities_in_cert, peer_certificate
 from lab.tls.identity import Identity
-from lab.waypoint import authz, routes
+from lab.waypoint import authz, protocol, routes, tcp_proxy
 from lab.waypoint import filters as flt
 from lab.waypoint.breaker import (
     ACTIVE,
@@ -118,6 +118,7 @@ from lab.waypoint.http1 import (  # noqa: F401 - the HTTP/1.1 codec (tests impor
     strip_hop_by_hop,
     wants_close,
 )
+from lab.waypoint.protocol import port_protocol
 from lab.waypoint.telemetry import UNKNOWN, Metrics, Peer, RequestRecord, TraceContext, format_access_log, next_hop
 from lab.ztunnel.stepper import Stepper
 
@@ -370,6 +371,11 @@ class Target:
     pod: Endpoint | None = None
 
     @property
+    def protocol(self) -> str:
+        """The port's protocol (lab/waypoint/protocol.py): which filter chain serves it."""
+        return port_protocol(self.service.port_named(self.port)) if self.service is not None else protocol.AUTO
+
+    @property
     def name(self) -> str:
         if self.service is not None:
             return f"{self.service.namespace}/{self.service.name}"
@@ -548,10 +554,34 @@ class WaypointProxy:
             client_addr = peer.address
         source = self._source_peer(peer, request.get("baggage"))
         self.stats["downstream_cx_active"] += 1
+        reader = HttpReader(stream)
         try:
-            await self.serve_http(stream, target, peer, trace, client_addr, source)
+            chain, why = await self.choose_chain(target, reader)
+            if chain == protocol.HTTP:
+                await self.serve_http(stream, target, peer, trace, client_addr, source, reader)
+            else:
+                await tcp_proxy.serve_tcp(self, stream, reader, target, peer, trace, client_addr, source, why)
         finally:
             self.stats["downstream_cx_active"] -= 1
+
+    async def choose_chain(self, target: Target, reader: HttpReader) -> tuple[str, str]:
+        """HTTP or TCP chain for this tunnel, and why: the port's declared protocol, else what
+        the first bytes look like (Envoy's http_inspector). HTTP/2 and gRPC go to the TCP chain
+        in the lab (its HTTP codec is HTTP/1.1 only; Istio parses them on the HTTP chain)."""
+        declared = target.protocol
+        if declared == protocol.HTTP:
+            return protocol.HTTP, "the port is declared HTTP"
+        if declared == protocol.TCP:
+            return protocol.TCP, "the port is declared TCP"
+        if declared in (protocol.HTTP2, protocol.GRPC):
+            return protocol.TCP, (f"the port is declared {declared}; the lab's waypoint parses HTTP/1.1 only, so "
+                                  "it forwards HTTP/2 as bytes (Istio would route it as HTTP)")
+        sniffed = await protocol.sniff(reader)
+        if sniffed == protocol.HTTP:
+            return protocol.HTTP, "the port's protocol is not declared, and the first bytes are an HTTP/1.1 request"
+        return protocol.TCP, ("the port's protocol is not declared, and the first bytes are not HTTP/1.1"
+                              if reader.peek() else "the port's protocol is not declared, and the client sent "
+                              "nothing first")
 
     def _source_peer(self, peer: TunnelPeer, baggage: str | None) -> Peer:
         """The client as Istio's metrics name it: identity from mTLS, workload from the
@@ -564,10 +594,10 @@ class WaypointProxy:
                     version=b.service_version or UNKNOWN)
 
     async def serve_http(self, stream: HboneStream, target: Target, peer: TunnelPeer, trace: TraceContext,
-                         client_addr: tuple[str, int], source: Peer) -> None:
+                         client_addr: tuple[str, int], source: Peer, reader: HttpReader | None = None) -> None:
         """HTTP/1.1 keep-alive over one tunnel: request after request, until EOF, an error,
         or a `Connection: close`."""
-        reader = HttpReader(stream)
+        reader = reader or HttpReader(stream)
         opened = time.monotonic()
 
         async def send_continue() -> None:
@@ -760,7 +790,8 @@ class WaypointProxy:
                 await self._local(stream, ex, 504, "upstream request timeout", flags=TIMEOUT_FLAG,
                                   details="response_timeout")
 
-    def _backend(self, target: Target, ref: routes.BackendRef) -> Backend | None:
+    def _backend(self, target: Target, ref: routes.BackendRef | None) -> Backend | None:
+        """The cluster for a backendRef, or for a pod-addressed target (workload waypoints) the pod."""
         if target.pod is not None:
             key = ("pod", target.pod.ip, target.port)
             state = self.backends.get(key)
@@ -770,7 +801,7 @@ class WaypointProxy:
                             target_port=target.port, endpoints=[pod])
                 state = self.backends[key] = BackendState(b, self.clock)
             return state.backend
-        assert self.config is not None
+        assert self.config is not None and ref is not None
         return self.config.backend(ref)
 
     def _state(self, backend: Backend) -> BackendState:

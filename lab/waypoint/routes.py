@@ -35,16 +35,20 @@ Envoy's router then does with them, as pure functions:
   (Istio's `previous_hosts` retry predicate).
 - **Timeouts**: `timeouts.request` bounds the whole request, retries included (Istio's default:
   none); `timeouts.backendRequest` bounds each try.
-- **Retries** (`RetryPolicy`): what the lab chose, following Istio's default retry policy for
-  HTTP routes (is:pilot/pkg/networking/core/route/retry): **2 retries** (3 tries at most), on
-  `connect-failure`, `refused-stream`, `unavailable`, `cancelled` (the last two are gRPC
-  statuses, meaningless for HTTP/1.1 here) and `retriable-status-codes` with **503**; no
-  per-try timeout; a retry prefers another endpoint; backoff is Envoy's fully jittered
+- **Retries** (`RetryPolicy`): Istio's default retry policy for HTTP routes
+  (is:pilot/pkg/networking/core/route/retry/retry.go, `cachedDefaultPolicy`): **2 retries** (3
+  tries at most), on `connect-failure`, `refused-stream`, `unavailable`, `cancelled` (the last two
+  are gRPC statuses) and `retriable-status-codes` with **no code listed**: a backend's 503 is
+  returned after one try, and only failures to get an answer are retried (users who want 503
+  retried add the code, e.g. by an HTTPRoute `retry.codes`, istio/ztunnel#1662); no per-try timeout; a retry prefers another endpoint; backoff is Envoy's fully jittered
   exponential backoff starting at 25 ms, capped at 10 times that. Envoy's other conditions are
   understood too: `5xx` (any 5xx, or no answer at all: connect failure, reset, per-try
   timeout), `gateway-error` (502/503/504 or no answer), `reset` (no answer), `connect-failure`
   (the connection to the endpoint failed). A circuit-breaker overflow (UO) is never retried.
-  An HTTPRoute `retry` (`attempts`, `codes`, `backoff`) replaces attempts, codes and backoff.
+  An HTTPRoute `retry` (`attempts`, `codes`, `backoff`) replaces attempts, codes and backoff, as
+  istiod converts it (pilot/pkg/config/kube/gateway/conversion.go): `connect-failure`,
+  `refused-stream`, `unavailable`, `cancelled`, plus `retriable-status-codes` only when `codes`
+  lists some; without `codes`, no status code is retried.
 
 Times are seconds (floats). Durations in manifests use Gateway API / Go syntax (`parse_duration`).
 """
@@ -71,6 +75,8 @@ DEFAULT_ROUTE_NAME = "default"
 
 #: Istio's default retry conditions for HTTP routes.
 ISTIO_DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes")
+# what istiod turns an HTTPRoute `retry` into, before any `codes`
+HTTPROUTE_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled")
 RETRY_CONDITIONS = ("5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-status-codes",
                     "unavailable", "cancelled", "retriable-4xx")
 #: Outcomes of a try that are not an HTTP status: the upstream never answered.
@@ -290,7 +296,7 @@ class RetryPolicy:
 
     attempts: int = 2
     retry_on: tuple[str, ...] = ISTIO_DEFAULT_RETRY_ON
-    retriable_status_codes: tuple[int, ...] = (503,)
+    retriable_status_codes: tuple[int, ...] = ()  # Istio's default lists none
     per_try_timeout: float | None = None
     backoff_base: float = 0.025
     backoff_max: float | None = None
@@ -422,11 +428,12 @@ def parse_retry(raw: dict | None, backend_timeout: float | None) -> RetryPolicy:
     """An HTTPRoute rule's `retry` (+ `timeouts.backendRequest` as the per-try timeout)."""
     if not raw:
         return RetryPolicy(per_try_timeout=backend_timeout)
-    codes = tuple(int(c) for c in raw.get("codes") or []) or (503,)
+    codes = tuple(int(c) for c in raw.get("codes") or [])
     attempts = int(raw["attempts"]) if raw.get("attempts") is not None else ISTIO_DEFAULT_RETRY.attempts
     base = parse_duration(raw["backoff"]) if raw.get("backoff") else ISTIO_DEFAULT_RETRY.backoff_base
-    return RetryPolicy(attempts=attempts, retriable_status_codes=codes, per_try_timeout=backend_timeout,
-                       backoff_base=base)
+    retry_on = HTTPROUTE_RETRY_ON + (("retriable-status-codes",) if codes else ())
+    return RetryPolicy(attempts=attempts, retry_on=retry_on, retriable_status_codes=codes,
+                       per_try_timeout=backend_timeout, backoff_base=base)
 
 
 def parse_rule(index: int, raw: dict, namespace: str, problems: list[str], warnings: list[str]) -> RouteRule:

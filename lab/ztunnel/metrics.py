@@ -8,7 +8,7 @@ outbound side (``reporter="source"``), the destination ztunnel the inbound side
     istio_tcp_connections_closed_total   ... and ended (with or without an error)
     istio_tcp_received_bytes_total       bytes from the client towards the server
     istio_tcp_sent_bytes_total           bytes from the server back to the client
-    istio_tcp_connections_failed         connections that ended with an error (unstable in ztunnel)
+    istio_tcp_connections_failed_total   connections that ended with an error, once proxied (unstable in ztunnel)
 
 The byte counters are named from the server's point of view, for both reporters: "received" is
 always the request direction (client -> server), "sent" the response direction. (The access log
@@ -17,8 +17,9 @@ instead reports bytes from the reporting ztunnel's own point of view.)
 Labels: ``reporter``, ``source_workload``, ``source_workload_namespace``, ``source_principal``,
 ``destination_workload``, ``destination_workload_namespace``, ``destination_principal``,
 ``destination_service``, ``connection_security_policy`` (``mutual_tls`` when the connection
-carried a peer identity, ``unknown`` otherwise), ``response_flags`` (``-``, ``DENY`` for a policy
-rejection, ``CONNECT`` for an upstream connect failure). Values ztunnel does not know are
+carried a peer identity, ``unknown`` otherwise), ``response_flags`` (``-``; ``DENY`` for a policy
+rejection, reported by the destination only; ``CONNECT`` for a connection that failed upstream, which
+is also what the source reports when the destination refused its CONNECT with 401). Values ztunnel does not know are
 ``unknown``.
 
 Everything here is plain data: `Metrics` holds the counters, `exposition()` renders them.
@@ -35,7 +36,8 @@ OPENED = "istio_tcp_connections_opened_total"
 CLOSED = "istio_tcp_connections_closed_total"
 RECEIVED = "istio_tcp_received_bytes_total"
 SENT = "istio_tcp_sent_bytes_total"
-FAILED = "istio_tcp_connections_failed"
+# A prometheus-client Counter named tcp_connections_failed is exported with `_total`, like the others.
+FAILED = "istio_tcp_connections_failed_total"
 
 #: name -> HELP text, in the order they are printed.
 COUNTERS: dict[str, str] = {
@@ -100,10 +102,6 @@ class Metrics:
         self.counters[SENT][labels] += response_bytes
         if failed:
             self.counters[FAILED][labels] += 1
-
-    def failed_early(self, labels: ConnectionLabels) -> None:
-        """A connection refused before it was ever proxied (no opened/closed, only failed)."""
-        self.counters[FAILED][labels] += 1
 
     def value(self, name: str, **match: str) -> int:
         """Sum of a counter over the label sets that have every `match` label (for tests and tools)."""

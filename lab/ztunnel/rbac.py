@@ -23,7 +23,8 @@ IP, the client's SPIFFE identity from its mTLS certificate (None for plaintext t
 
 `assert_rbac` decides: any DENY policy matches -> deny ("explicitly denied by: ns/name"); no ALLOW
 policy -> allow; any ALLOW policy matches -> allow; else deny ("allow policies exist, but none
-allowed"). Dry-run policies are evaluated and reported, never enforced.
+allowed"). Dry-run policies are evaluated and reported, never enforced (istiod sends them only
+when its AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY feature is on; it is off by default).
 
 Everything here is pure: plain data in, a `Decision` out.
 """

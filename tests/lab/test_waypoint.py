@@ -122,3 +122,21 @@ def test_kill_and_restart_the_waypoint(tutorial: Lab):
                                                     "http://productpage:9080/productpage").stdout,
              timeout=15, what="traffic through the restarted waypoint")
     assert re.search(r"waypoint-\S+\s+1/1\s+Running\s+1\s", tutorial("get", "pods").stdout)
+
+
+def test_tcp_through_a_waypoint_is_forwarded_on_its_tcp_chain(tutorial: Lab):
+    """tcp-echo (ports named tcp, tcp-other) behind the namespace's waypoint: the waypoint does not
+    parse it as HTTP (it used to answer 400); it forwards the bytes at L4 to a tcp-echo pod."""
+    samples = require_conformance() / "samples"
+    tutorial("apply", "-f", str(samples / "tcp-echo_tcp-echo-services.yaml"))
+    wait_for(lambda: {redirection(p) for p in tutorial.pods() if p["metadata"]["name"].startswith("tcp-echo-")}
+             == {"enabled"}, what="tcp-echo pods enabled")
+    wait_for(lambda: re.search(r"default\s+tcp-echo\s+[\d.]+\s+waypoint\s",
+                               tutorial("ztunnel-config", "services").stdout), what="tcp-echo uses the waypoint")
+    for port in (9000, 9001):
+        out = tutorial.exec("deploy/curl", "sh", "-c",
+                            f"echo world | curl -s --max-time 2 telnet://tcp-echo:{port}", check=False).stdout
+        assert re.search(r"^(one|two) world$", out.strip()), (port, out)  # the sample's v1 and v2 prefixes
+    trace = tutorial("trace", "-o", "json").stdout
+    chains = [json.loads(line) for line in trace.splitlines() if '"waypoint.tcp"' in line]
+    assert any("on its TCP chain (the port is declared TCP)" in e["msg"] for e in chains), chains[-3:]

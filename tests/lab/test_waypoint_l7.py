@@ -10,7 +10,8 @@ What each test shows, and where it looks:
   and URLRewrite on httpbin, whose `/headers` and `/anything` show what arrived;
 - RequestMirror: the client gets the primary's answer only; the mirror's pod logs the copy;
 - `timeouts.request` 1s on httpbin `/delay/3`: 504, flag UT;
-- Istio's default retries on httpbin `/status/503`: 3 tries in httpbin's log, flag URX and
+- retries on httpbin `/status/503`: one try by Istio's default policy (it retries no status
+  code), and with a rule whose `retry` lists 503, 3 tries in httpbin's log, flag URX and
   attempts="3" in the access log, `attempts` in the flow's metadata, two `waypoint.retry` events;
 - a DestinationRule's connection pool (503 UO under parallel load, then success) and outlier
   detection (503 UH while the only endpoint is ejected, success after the ejection time);
@@ -141,6 +142,12 @@ spec:
     - path: {type: Exact, value: /delay/3}
     timeouts:
       request: 1s
+    backendRefs:
+    - {name: httpbin, port: 8000}
+  - matches:
+    - path: {type: Exact, value: /status/503}
+      headers: [{name: x-retry, value: "503"}]
+    retry: {attempts: 2, codes: [503]}
     backendRefs:
     - {name: httpbin, port: 8000}
   - backendRefs:
@@ -368,7 +375,7 @@ def test_path_method_rewrite_and_header_modifiers(l7: Lab):
     out = sh(l7, "curl -s -i -X POST -H 'x-drop-me: 1' -H 'x-request-id: l7-post' http://httpbin:8000/headers")
     head, _, body = out.partition("\n\n")  # text mode: CRLF read as LF
     assert "x-lab-response" not in head.lower() and json.loads(body)["headers"]["X-Drop-Me"] == ["1"]
-    assert " default.httpbin.3 " in access_log(l7, '"l7-post"')[0]
+    assert " default.httpbin.4 " in access_log(l7, '"l7-post"')[0]
     # Exact means exact: /headers/ is not /headers (catch-all rule: httpbin's own 404)
     assert status_of(l7, "http://httpbin:8000/headers/") == "404"
     # PathPrefix /api, element-wise, rewritten to /anything, Host rewritten
@@ -400,10 +407,17 @@ def test_request_timeout_is_504_ut(l7: Lab):
     assert status_of(l7, "http://httpbin:8000/delay/0.1") == "200"  # other paths have no timeout
 
 
-def test_retries_on_503_three_tries(l7: Lab):
+def test_503_is_returned_after_one_try_unless_the_route_lists_it(l7: Lab):
+    # Istio's default retry policy retries no status code: one try, the backend's 503 as it came
+    before = app_log(l7, "httpbin").count('"GET /status/503 ')
+    assert status_of(l7, "http://httpbin:8000/status/503", "x-request-id: l7-default-503") == "503"
+    line = access_log(l7, '"l7-default-503"')[0]
+    assert "attempts=" not in line and " URX " not in line, line
+    wait_for(lambda: app_log(l7, "httpbin").count('"GET /status/503 ') - before == 1, what="1 try at httpbin")
+    # a rule whose `retry` lists 503: 3 tries
     t0 = time.time()
     before = app_log(l7, "httpbin").count('"GET /status/503 ')
-    assert status_of(l7, "http://httpbin:8000/status/503", "x-request-id: l7-retry") == "503"
+    assert status_of(l7, "http://httpbin:8000/status/503", "x-retry: 503", "x-request-id: l7-retry") == "503"
     line = access_log(l7, '"l7-retry"')[0]
     assert " 503 URX via_upstream " in line and 'attempts="3"' in line
     wait_for(lambda: app_log(l7, "httpbin").count('"GET /status/503 ') - before == 3, what="3 tries at httpbin")

@@ -572,8 +572,12 @@ def test_deny_policy_resets_the_client_then_removing_it_restores(rig: MeshRig):
     assert fields["error"] == "connection closed due to policy rejection: explicitly denied by: default/deny-client"
     assert fields["src.identity"] == CLIENT.identity and fields["direction"] == "inbound"
     rig.ztunnels["n1"].wait_log(lambda l: 'error="http status: 401 Unauthorized"' in l, "401 at the source")
-    failed = parse_exposition(n2.admin_request({"op": "metrics"}))["istio_tcp_connections_failed"]
+    failed = parse_exposition(n2.admin_request({"op": "metrics"}))["istio_tcp_connections_failed_total"]
     assert any(l["response_flags"] == "DENY" and l["source_principal"] == CLIENT.identity for l, v in failed if v)
+    # the source saw a refused CONNECT (401): a connection failure, CONNECT; only the destination says DENY
+    src = parse_exposition(rig.ztunnels["n1"].admin_request({"op": "metrics"}))["istio_tcp_connections_failed_total"]
+    assert any(l["reporter"] == "source" and l["response_flags"] == "CONNECT" for l, v in src if v), src
+    assert not any(l["response_flags"] == "DENY" for l, v in src if v), src
     assert rig.events is not None
     denied = rig.events.wait("rbac.decision", lambda e: e["fields"]["allowed"] is False
                              and e["fields"]["policy"] == "default/deny-client")[0]

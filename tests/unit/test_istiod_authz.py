@@ -12,9 +12,11 @@ import json
 import pytest
 
 from lab.istiod.authorization import (
+    DRY_RUN_DISABLED,
     STATIC_STRICT_POLICY,
     build_authorizations,
     convert_policy,
+    dry_run_feature_enabled,
     peer_authentication_mode,
     workload_policy_names,
 )
@@ -36,9 +38,42 @@ CURL = Identity.of("default", "curl")
 PLAINTEXT = None
 
 
-def policy(yaml_text: str) -> tuple[dict | None, list[str]]:
+def policy(yaml_text: str, dry_run_enabled: bool = True) -> tuple[dict | None, list[str]]:
     (obj,) = load_text(yaml_text).resources
-    return convert_policy(obj.namespace, obj.name, obj.raw)
+    return convert_policy(obj.namespace, obj.name, obj.raw, dry_run_enabled=dry_run_enabled)
+
+
+DRY_RUN = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: dry, namespace: shop, annotations: {istio.io/dry-run: "true"}}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{to: [{operation: {ports: ["9080"]}}]}]
+"""
+
+
+def test_dry_run_policies_stay_in_istiod_unless_its_feature_is_on() -> None:
+    """AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY is off by default: the policy is not sent to
+    ztunnel, no workload lists it, and its status says why."""
+    converted, warnings = policy(DRY_RUN, dry_run_enabled=False)
+    assert converted is None and warnings == [DRY_RUN_DISABLED]
+    assert "support for ambient dry-run authorizationPolicies isn't enabled" in warnings[0]
+    snap = snapshot_with(DRY_RUN)
+    resources, statuses = build_authorizations(snap)
+    assert "shop/dry" not in resources and statuses["shop/dry"] == [DRY_RUN_DISABLED]
+    assert workload_policy_names(snap, "shop", {"app": "web"}) == []
+    # with the feature on: sent with dry_run set, and listed by the workloads it selects
+    resources, statuses = build_authorizations(snap, dry_run_enabled=True)
+    assert resources["shop/dry"]["dry_run"] is True and statuses["shop/dry"] == []
+    assert workload_policy_names(snap, "shop", {"app": "web"}, dry_run_enabled=True) == ["shop/dry"]
+
+
+def test_the_dry_run_feature_is_read_from_istiods_environment() -> None:
+    assert dry_run_feature_enabled({}) is False
+    assert dry_run_feature_enabled({"AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY": "true"}) is True
+    assert dry_run_feature_enabled({"AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY": "false"}) is False
 
 
 def snapshot_with(*objects: str) -> dict:

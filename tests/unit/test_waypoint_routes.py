@@ -18,7 +18,15 @@ from lab.kube.manifests import load_files, load_text
 from lab.supervisor.server import Supervisor
 from lab.waypoint import routes as rt
 from lab.waypoint.config import WaypointNotFound, attached_waypoint, build_waypoint_config, route_status_document
-from lab.waypoint.routes import BackendRef, Request, RetryPolicy, parse_duration, parse_route, route_request
+from lab.waypoint.routes import (
+    BackendRef,
+    Request,
+    RetryPolicy,
+    parse_duration,
+    parse_retry,
+    parse_route,
+    route_request,
+)
 from tests.conftest import CONFORMANCE, require_conformance
 
 SAMPLES = CONFORMANCE / "samples"
@@ -530,13 +538,24 @@ def test_backend_timeout_longer_than_request_is_rejected() -> None:
     assert not route.accepted and "backendRequest" in route.problems[0]
 
 
-def test_istio_default_retry_policy() -> None:
+def test_istio_default_retry_policy_retries_failures_to_connect_but_no_status_code() -> None:
     p = RetryPolicy()
     assert p.attempts == 2 and p.per_try_timeout is None
-    assert p.retriable(503) and p.retriable("connect-failure") and p.retriable("refused-stream")
+    assert p.retriable("connect-failure") and p.retriable("refused-stream")
+    assert not p.retriable(503)  # retriable-status-codes with an empty list: Envoy retries no code
     assert not p.retriable(500) and not p.retriable(502) and not p.retriable("reset")
     assert not p.retriable("overflow") and not p.retriable(200)
-    assert p.should_retry(0, 503) and p.should_retry(1, 503) and not p.should_retry(2, 503)
+    assert p.should_retry(0, "connect-failure") and p.should_retry(1, "connect-failure")
+    assert not p.should_retry(2, "connect-failure")
+
+
+def test_an_httproute_retry_retries_a_status_code_only_when_it_lists_it() -> None:
+    without = parse_retry({"attempts": 3}, None)
+    assert without.attempts == 3 and not without.retriable(503) and without.retriable("connect-failure")
+    assert "retriable-status-codes" not in without.retry_on
+    with_codes = parse_retry({"attempts": 2, "codes": [503, 504]}, None)
+    assert with_codes.retriable(503) and with_codes.retriable(504) and not with_codes.retriable(500)
+    assert with_codes.should_retry(1, 503) and not with_codes.should_retry(2, 503)
 
 
 @pytest.mark.parametrize("retry_on,outcome,expected", [

@@ -47,8 +47,11 @@ def test_counters_follow_a_connections_life():
     assert (m.value(RECEIVED), m.value(SENT)) == (90, 175)
     assert m.value(OPENED, reporter="source", source_principal=SLEEP.uri) == 2
     assert m.value(OPENED, reporter="destination") == 0
-    m.failed_early(ConnectionLabels(reporter="destination", response_flags="DENY"))
-    assert m.value(FAILED, response_flags="DENY") == 1 and m.value(OPENED) == 2
+
+
+def test_the_failure_counter_has_the_name_ztunnel_exports():
+    assert FAILED == "istio_tcp_connections_failed_total"
+    assert all(name.endswith("_total") for name in (OPENED, CLOSED, RECEIVED, SENT, FAILED))
 
 
 def test_exposition_is_prometheus_text():
@@ -154,7 +157,8 @@ def test_flow_failures_log_like_ztunnel_and_count(inputs):
     early.target = ("10.244.1.10", 15001)
     early.finish("attempted recursive call to ourselves")
     assert "\twarn\taccess\tconnection failed src.addr=10.244.1.12:1 dst.addr=10.244.1.10:15001 " in lines[0]
-    assert pi.metrics.value(FAILED) == 1 and pi.metrics.value(CLOSED) == 0
+    # refused before it was proxied: logged, but not counted (ztunnel's log_early_deny)
+    assert pi.metrics.value(FAILED) == 0 and pi.metrics.value(CLOSED) == 0 and pi.metrics.value(OPENED) == 0
 
     denied = Flow(pi, "inbound", 15008, ("10.244.1.12", 2), ("10.244.1.10", 15008))
     denied.dst_workload, denied.src_identity, denied.dst_identity, denied.mtls = PP_W, SLEEP, PRODUCTPAGE, True

@@ -327,6 +327,9 @@ def test_build_request_decisions(mesh, dst, kind, upstream, authority, expected,
         assert plan.authority == authority
         assert list(plan.expected_identities) == expected
         assert (plan.waypoint.name if plan.waypoint else None) == waypoint
+    # what the source's access log and metrics name as the destination: via a waypoint, the waypoint
+    actual = plan.actual_destination_workload
+    assert (actual.name if actual else None) == (waypoint or dst_workload)
     fields = plan.event_fields()
     json.dumps(fields)  # events must be plain JSON
     assert fields["plan"] == kind.__name__ and fields["reason"] == plan.reason

@@ -389,8 +389,8 @@ class Flow:
         if self.labels is not None:
             labels = dataclasses.replace(self.labels, response_flags=self.response_flags)
             self.pi.metrics.closed(labels, request_bytes=request, response_bytes=response, failed=error is not None)
-        else:
-            self.pi.metrics.failed_early(self.metric_labels())
+        # A connection refused before it was proxied (no ConnectionResult yet) is logged, not
+        # counted: ztunnel's `log_early_deny` (src/proxy/metrics.rs) touches no metric.
         dst = format_addr(r.dst_addr)
         ms = round(r.duration_ms or 0)
         side = "of the source pod" if self.direction == "outbound" else "of the destination pod"

@@ -69,6 +69,13 @@ class Plan:
         """Whose certificate ztunnel presents: the SOURCE workload's, not its own."""
         return self.source.identity if self.source else None
 
+    @property
+    def actual_destination_workload(self) -> Workload | None:
+        """The workload this connection really reaches, which the access log (`dst.workload`) and
+        the metrics (`destination_workload`, `destination_principal`) name (zt build_request's
+        `actual_destination_workload`)."""
+        return self.destination_workload
+
     def event_fields(self) -> dict[str, Any]:
         """The plan as plain JSON-friendly fields, for the `ztunnel.outbound.plan` event."""
         f: dict[str, Any] = {
@@ -108,6 +115,12 @@ class Hbone(Plan):
     @property
     def upstream(self) -> Addr:
         return self.hbone_dst
+
+    @property
+    def actual_destination_workload(self) -> Workload | None:
+        """Via a waypoint, the waypoint pod: the source's telemetry names the waypoint, consistent
+        with the identity it presented (`dst.identity`), not the service's pods behind it."""
+        return self.waypoint or self.destination_workload
 
     @property
     def authority(self) -> str:

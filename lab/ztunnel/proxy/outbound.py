@@ -41,6 +41,7 @@ from lab.hbone import copy_bidirectional as hbone_copy
 from lab.hbone.headers import Baggage, create_hbone_request, header_value
 from lab.ztunnel.config import ILLEGAL_PORTS
 from lab.ztunnel.identity_manager import CertificateUnavailable
+from lab.ztunnel.metrics import FLAG_CONNECT
 from lab.ztunnel.proxy import (
     COPY_CHUNK,
     READER_LIMIT,
@@ -117,7 +118,7 @@ async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.Strea
             raise UnknownWorkload("source", pi.workload, pi.cfg.workload_wait)
         flow.src_workload = source
         plan = build_request(mesh.state, source, target, mesh.rng)
-    flow.dst_workload = plan.destination_workload
+    flow.dst_workload = plan.actual_destination_workload
     flow.dst_service = plan.destination_service.hostname if plan.destination_service else None
     flow.emit("conn.plan", f"ztunnel on {flow.node} decided: {plan.reason}", **plan.event_fields())
     if isinstance(plan, Failure):
@@ -248,7 +249,9 @@ async def proxy_to_hbone(flow: Flow, plan: Hbone, reader: asyncio.StreamReader,
     try:
         status, resp_headers, stream = await conn.await_response(stream)
     except HboneHttpError as e:
-        flow.response_flags = "CONNECT" if e.status == 503 else ("DENY" if e.status == 401 else flow.response_flags)
+        # Any non-200 answer is a connection failure from the source's side (ztunnel metrics.rs
+        # `extract_failure_reason`): CONNECT, also for a 401. Only the destination reports DENY.
+        flow.response_flags = FLAG_CONNECT
         flow.emit("hbone.response",
                   f"the destination answered the CONNECT with {e.status}"
                   + (": its ztunnel's authorization policy denied the connection" if e.status == 401 else
