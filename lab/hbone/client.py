@@ -70,6 +70,7 @@ class HboneConnection(H2Session):
         self._responses: dict[int, asyncio.Future[tuple[int, list[Header]]]] = {}
         self.idle_since = asyncio.get_running_loop().time()
         self.on_idle: Callable[[HboneConnection], None] | None = None
+        self.retired = False  # reached its stream limit once: the pool never picks it again
         self.streams_opened = 0
         super().__init__(reader, writer, conn, max_concurrent_streams=max_streams)
 
@@ -239,7 +240,18 @@ class HboneConnectionPool(Generic[K]):
             if conn is None:
                 conn = await self._open(key)
             self._cancel_timer(conn)
-            return conn, conn.open_stream(header_list)
+            stream = conn.open_stream(header_list)
+            if not conn.has_capacity():
+                self._retire(key, conn)
+            return conn, stream
+
+    @staticmethod
+    def _retire(key: K, conn: HboneConnection) -> None:
+        """A connection that reached its stream limit is never picked again (ztunnel pool.rs
+        `maybe_checkin_conn` does not check it back in): it serves the streams it has and closes
+        once they are done; later connections open a new tunnel even after its streams finish.
+        It stays listed, so closing a pod's or the pool's connections still reaches it."""
+        conn.retired = True
 
     async def reserve(self, key: K) -> tuple[HboneConnection, bool]:
         """A connection for `key` with a free slot, opened now if there is none (True: just opened),
@@ -274,12 +286,17 @@ class HboneConnectionPool(Generic[K]):
         else:
             self._conns.pop(key, None)
         for conn in live:
-            if conn.has_capacity():
+            if conn.has_capacity() and not conn.retired:
                 return conn
         return None
 
     def _on_idle(self, key: K, conn: HboneConnection) -> None:
         self._cancel_timer(conn)
+        if conn.retired:  # its last stream is done: it goes now
+            with contextlib.suppress(ValueError, KeyError):
+                self._conns[key].remove(conn)
+            asyncio.get_running_loop().create_task(conn.aclose())
+            return
         loop = asyncio.get_running_loop()
         self._timers[id(conn)] = loop.call_later(self.idle_timeout, self._maybe_release, key, conn)
 

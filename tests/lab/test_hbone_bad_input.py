@@ -615,18 +615,19 @@ def test_malformed_authority_is_400(target: Target, authority: str, reason: str)
         target.logged("ztunnel", r["local"], "connection failed", "bad request (400)", reason.format(ip=ip))
 
 
-@pytest.mark.parametrize("who, port, reason", [
-    ("details-v1", 9080, "ip mismatch: {me} != {ip}"),     # a pod on the other node
-    ("reviews-v1", 9080, "ip mismatch: {me} != {ip}"),     # a pod on the same node, same ztunnel
-    ("productpage-v1", 15008, "attempted recursive call to ourselves"),
+@pytest.mark.parametrize("who, port, status, reason", [
+    ("details-v1", 9080, 400, "ip mismatch: {me} != {ip}"),     # a pod on the other node
+    ("reviews-v1", 9080, 400, "ip mismatch: {me} != {ip}"),     # a pod on the same node, same ztunnel
+    ("productpage-v1", 15008, 503, "attempted recursive call to ourselves"),  # zt: SelfCall -> 503
 ])
-def test_authority_for_another_destination_is_400(target: Target, who: str, port: int, reason: str):
+def test_authority_for_another_destination_or_ztunnels_own_port_is_refused(target: Target, who: str, port: int,
+                                                                          status: int, reason: str):
     """A tunnel into productpage's pod may only reach productpage: ztunnel must not become an open
-    relay to other pods (validate_destination), nor to its own ports."""
+    relay to other pods (validate_destination: 400), nor to its own ports (503)."""
     with still_serving_without_leaks(target):
         ip = target.ip[who]
         r = target.attacker("request", dst=target.hbone, identity=CURL, headers=connect_headers(f"{ip}:{port}"))
-        assert r["status"] == 400 and r["then_connect"] == 200, r
+        assert r["status"] == status and r["then_connect"] == 200, r
         target.logged("ztunnel", r["local"], "connection failed",
                       reason.format(me=target.ip["productpage-v1"], ip=ip))
 

@@ -677,14 +677,25 @@ async def test_pool_reuse_separation_and_a_second_connection_at_101(tls_server: 
 
     # 101 concurrent streams for one key: the pool opens a second connection (ztunnel's way);
     # it neither queues the 101st nor lets the server refuse it.
+    first = pool.connections(key_a)[0]
     opened = await asyncio.gather(*(pool.connect_stream(key_a, "10.244.1.10:9080") for _ in range(101)))
+    # the full connection left the pool for good (ztunnel's maybe_checkin_conn); it still serves its 100
     conns = pool.connections(key_a)
-    assert [c.active_streams for c in conns] == [100, 1]
+    assert first.retired and [c.active_streams for c in conns] == [100, 1]
     assert made == [key_a, key_b, key_a]
     for _, _, s in opened:
         s.write_eof()
     for _, _, s in opened:
         assert await read_all(s) == b""
+    for _ in range(100):  # its streams done, the retired connection closes
+        if first.closed.is_set():
+            break
+        await asyncio.sleep(0.01)
+    assert first.closed.is_set() and pool.connections(key_a) == conns[1:]
+    _, _, later = await pool.connect_stream(key_a, "10.244.1.10:9080")  # the pool's other connection serves it
+    assert made == [key_a, key_b, key_a] and pool.connections(key_a) == conns[1:]
+    later.write_eof()
+    assert await read_all(later) == b""
     await pool.close()
     assert pool.keys() == []
 

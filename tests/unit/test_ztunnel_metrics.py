@@ -175,3 +175,18 @@ def test_flow_failures_log_like_ztunnel_and_count(inputs):
     assert events[-1][0] == "conn.failed" and events[-1][1]["response_flags"] == "DENY"
     denied.finish("again")  # recorded once
     assert len(lines) == 2
+
+
+def test_destination_principal_is_known_for_a_known_workload_even_in_plaintext(inputs):
+    """ztunnel's metrics name a known destination's identity whatever the transport (metrics.rs
+    with_destination); only the access log leaves identities out without mTLS."""
+    pi, lines, events = inputs
+    plain = Flow(pi, "inbound", 15006, ("10.244.1.12", 3), ("10.244.1.10", 9080))
+    plain.dst_workload = PP_W
+    labels = plain.metric_labels()
+    assert labels.destination_principal == PP_W.identity.uri and labels.source_principal == "unknown"
+    assert labels.connection_security_policy == "unknown"
+    plain.target = ("10.244.1.10", 9080)
+    plain.open()
+    plain.finish()
+    assert "dst.identity" not in lines[-1]

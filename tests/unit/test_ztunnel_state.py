@@ -298,8 +298,8 @@ DECISIONS = [
     (("10.96.0.71", 80), Tcp, ("10.244.2.71", 8080), None, None, "legacy-web", "legacy.default.svc.cluster.local",
      None),
     (("1.2.3.4", 443), Passthrough, ("1.2.3.4", 443), None, None, None, None, None),
-    (("10.96.0.61", 443), Passthrough, ("10.96.0.61", 443), None, None, None, "external.default.svc.cluster.local",
-     None),
+    # a PASSTHROUGH service: the original destination, and no intended service (zt build_request)
+    (("10.96.0.61", 443), Passthrough, ("10.96.0.61", 443), None, None, None, None, None),
     (("10.96.0.60", 80), NoHealthyUpstream, None, None, None, None, "empty.default.svc.cluster.local", None),
     (("10.96.0.10", 9999), NoHealthyUpstream, None, None, None, None, PP_HOST, None),
     (("10.96.0.30", 9080), Hbone, ("10.244.2.50", 15008), "10.96.0.30:9080", [sa("waypoint")], None,

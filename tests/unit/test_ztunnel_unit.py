@@ -57,9 +57,11 @@ def test_illegal_ports_are_ztunnels_own():
 
 
 @pytest.mark.parametrize("port", sorted(ILLEGAL_PORTS))
-def test_outbound_refuses_a_recursive_call(port):
+def test_outbound_refuses_a_recursive_call_to_loopback_only(port):
     with pytest.raises(SelfCall, match="^attempted recursive call to ourselves$"):
-        check_target(("10.244.2.7", port))
+        check_target(("127.0.0.1", port))
+    # another pod's ztunnel port is not a call to ourselves: it is planned, and that pod refuses it
+    assert check_target(("10.244.2.7", port)) == ("10.244.2.7", port)
 
 
 @pytest.mark.parametrize("target", [("10.244.2.7", 9080), ("10.96.0.10", 53), ("10.9.0.3", 15000),
@@ -78,9 +80,9 @@ def test_http_status_errors_read_like_ztunnels():
 
 
 def test_outbound_uses_the_configured_illegal_ports():
-    assert check_target(("10.0.0.1", 15001), illegal_ports=frozenset()) == ("10.0.0.1", 15001)
+    assert check_target(("127.0.0.1", 15001), illegal_ports=frozenset()) == ("127.0.0.1", 15001)
     with pytest.raises(SelfCall):
-        check_target(("10.0.0.1", 8080), illegal_ports=frozenset({8080}))
+        check_target(("127.0.0.1", 8080), illegal_ports=frozenset({8080}))
 
 
 def test_inbound_target_is_the_original_destination_unless_it_is_ztunnel():

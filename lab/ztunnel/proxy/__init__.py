@@ -345,7 +345,10 @@ class Flow:
             source_workload=src_wl, source_workload_namespace=src_ns,
             source_principal=_principal(self.src_identity) if self.mtls else UNKNOWN,
             destination_workload=dst_wl, destination_workload_namespace=dst_ns,
-            destination_principal=_principal(self.dst_identity) if self.mtls else UNKNOWN,
+            # known for any known destination workload, also in plaintext (zt metrics.rs with_destination);
+            # only the access log leaves identities out without mTLS
+            destination_principal=_principal(self.dst_identity if self.mtls and self.dst_identity
+                                             else self.dst_workload.identity if self.dst_workload else None),
             destination_service=self.dst_service or UNKNOWN,
             connection_security_policy="mutual_tls" if self.mtls else "unknown",
             response_flags=self.response_flags)

@@ -245,13 +245,14 @@ def build_request(state: ProxyState, source: Workload | None, original_dst: Addr
         service = dest
         if service.waypoint is not None and not _is_from_waypoint(state, source, service.waypoint):
             return _via_waypoint(state, source, original_dst, service.waypoint, rng, service, None)
+        if service.lb_mode == "PASSTHROUGH":
+            # zt find_upstream: OriginalDestination whatever the endpoints, and no intended service
+            return Passthrough(
+                original_dst=original_dst, source=source,
+                reason=(f"{_addr(original_dst)} is service {service.hostname}, whose load-balancing mode is "
+                        f"PASSTHROUGH: ztunnel picks no endpoint and sends plain TCP to the original destination"))
         picked = state.load_balance(service, port, rng)
         if picked is None:
-            if service.lb_mode == "PASSTHROUGH":
-                return Passthrough(
-                    original_dst=original_dst, source=source, destination_service=service,
-                    reason=(f"{_addr(original_dst)} is service {service.hostname} with no endpoint, and its "
-                            f"load-balancing mode is PASSTHROUGH: plain TCP to the original destination"))
             why = ("it has no port " + str(port) if service.target_port(port) is None
                    else f"none of its endpoints is a known, healthy pod serving port {port}")
             return NoHealthyUpstream(

@@ -18,7 +18,8 @@ Each CONNECT stream on it is one *connection* (`Tunnel.handle_stream`, ``conn.ca
 port 15008), with the flow id the source sent in ``traceparent``:
 
 3. ``hbone.connect.received`` with its headers. The ``:authority`` IP must be the pod's own IP,
-   the address the tunnel arrived on (else 400, "ip mismatch").
+   the address the tunnel arrived on (else 400, "ip mismatch"); a CONNECT to one of ztunnel's own
+   ports is answered 503 ("attempted recursive call to ourselves").
 4. ``rbac.decision``: L4 authorization with (source IP, source identity from the certificate,
    pod IP, application port from the authority) over the pod's policies: deny -> 401,
    "connection closed due to policy rejection: ...".
@@ -204,10 +205,11 @@ class Tunnel:
                       f"{flow.pod}'s port 15008", authority=request.authority, headers=headers,
                       stream_id=request.stream_id, forwarded_for=forwarded.for_addr or "")
             mismatch = validate_destination(self.local[0], target)
-            if mismatch is None and target[1] in pi.cfg.illegal_ports:
-                mismatch = str(SelfCall())
             if mismatch is not None:
                 await self._refuse(flow, respond, STATUS_BAD_REQUEST, mismatch)
+                return
+            if target[1] in pi.cfg.illegal_ports:  # zt find_inbound_upstream: Error::SelfCall -> 503
+                await self._refuse(flow, respond, STATUS_SERVICE_UNAVAILABLE, str(SelfCall()))
                 return
             flow.open()
             ctx = Connection(src_ip=self.peer[0], src_identity=self.client_identity, dst_ip=target[0],

@@ -33,6 +33,7 @@ the learner releases it (``Flow.hold``); with step mode off each of these costs 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -63,9 +64,11 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
 
 
 def check_target(target: Addr, *, illegal_ports: AbstractSet[int] = ILLEGAL_PORTS) -> Addr:
-    """Refuse a destination on one of ztunnel's own ports (pure): connecting there from inside
-    the pod would land in ztunnel again. Raises :class:`SelfCall`."""
-    if target[1] in illegal_ports:
+    """Refuse a LOOPBACK destination on one of ztunnel's own ports (pure): connecting there from
+    inside the pod would land in ztunnel again (zt `proxy_to`: `dest_addr.ip().is_loopback()`).
+    Raises :class:`SelfCall`. Another pod's 15008 is planned and sent as usual: that pod's
+    ztunnel refuses it (503)."""
+    if target[1] in illegal_ports and ipaddress.ip_address(target[0]).is_loopback:
         raise SelfCall()
     return target
 
