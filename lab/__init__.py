@@ -14,7 +14,8 @@ The packages, each beside the real thing it plays (read them side by side):
 | `proto/` | the messages between components: xDS and ZDS (ztunnel `proto/`) |
 | `apps/` | the sample images: bookinfo, httpbin, tcp-echo, curl, sleep |
 | `supervisor/` | what runs a lab: starts every component as its own process, keeps the record, collects events |
-| `common/` | shared plumbing: errors, events, the state record, netns, admin sockets, process names |
+| `common/` | shared plumbing: errors, events, the state record, netns, admin sockets, process names, seams |
+| `course/` | the graded exercises: manifest, checks and live hints, answers, progress, runner |
 | `cli/` | the `ambient-lab` command (kubectl-, istioctl-shaped): a client |
 | `tui/` | the terminal UI (k9s-shaped): a client |
 """

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from lab.cli import exercises
 from lab.common import state
 from lab.common.errors import LabError
 from lab.common.state import DEFAULT_LAB
@@ -670,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind")
     p.add_argument("name_arg", nargs="?", metavar="NAME")
     p.add_argument("-A", "--all-namespaces", action="store_true")
-    p.add_argument("-o", "--output", choices=["wide", "yaml", "json"])
+    p.add_argument("-o", "--output", choices=["wide", "yaml", "json", "name"])
     p.add_argument("--show-labels", action="store_true")
     p.set_defaults(func=cmd_get)
 
@@ -776,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", parents=[common], help="check this machine can run the lab, with the fix for each problem")
     p.set_defaults(func=cmd_doctor)
+
+    exercises.add_parser(sub, common)
     return ap
 
 

@@ -62,6 +62,8 @@ from lab.cni.plugin_events import PluginEventServer
 from lab.cni.ztunnel_server import ZtunnelServer, ZtunnelUnavailable
 from lab.common.events import EventEmitter
 from lab.common.procname import name_process
+from lab.common.seams import Seams
+from lab.common.state import run_dir
 from lab.kube.model import REDIRECTION_ANNOTATION
 from lab.proto.zds import WorkloadInfo
 
@@ -193,13 +195,23 @@ def netns_still_there(path: str, inode: int) -> bool:
 class IptablesThread:
     """All kernel rule work on ONE thread: libiptc is not thread-safe, and setns is per thread."""
 
-    def __init__(self, dns_capture: bool) -> None:
+    def __init__(self, dns_capture: bool, seams: Seams | None = None) -> None:
         self.dns_capture = dns_capture
+        self.seams = seams
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="iptables")
 
+    def wanted(self) -> list[iptables.Rule]:
+        """The rule set to write: Istio's, or a learner's while the in-pod rules exercise runs
+        (lab/common/seams.py; a failing learner function raises SeamError: the pod is not added)."""
+        rules = iptables.inpod_rules
+        if self.seams is not None:
+            rules = self.seams.get("cni.inpod_rules", rules, check=iptables.rule_set_problem)
+        return list(rules(self.dns_capture))
+
     async def install(self, netns: iptables.NetnsRef) -> None:
+        wanted = self.wanted()
         await asyncio.get_running_loop().run_in_executor(
-            self._pool, iptables.install_inpod_rules, netns, self.dns_capture)
+            self._pool, iptables.install_inpod_rules, netns, self.dns_capture, wanted)
 
     async def remove(self, netns: iptables.NetnsRef) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, iptables.remove_inpod_rules, netns)
@@ -283,7 +295,7 @@ class NodeAgent:
                  annotator: Optional[Annotator] = None, emitter: Optional[EventEmitter] = None,
                  ack_timeout: Optional[float] = None) -> None:
         self.lab, self.node = lab, node
-        self.iptables = IptablesThread(dns_capture)
+        self.iptables = IptablesThread(dns_capture, Seams(run_dir(lab)))
         self.annotator = annotator or Annotator(lab)
         self.emitter = emitter or EventEmitter(lab, "istio-cni", node)
         kw = {} if ack_timeout is None else {"ack_timeout": ack_timeout}

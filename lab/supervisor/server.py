@@ -338,21 +338,24 @@ class Supervisor:
                     await asyncio.gather(*(self.wait_pod_ready(p) for p in started))
                     self.changed()
 
-    async def sync_enrolment(self, node: str = "") -> None:
+    async def sync_enrolment(self, node: str = "", agent_started: bool = False) -> None:
         """The node agent's informer (istio-cni `nodeagent/informers.go` reconcilePod), level-triggered.
 
         For every running pod it compares intent (its labels and its namespace's) with status (the
         `ambient.istio.io/redirection` annotation), never old labels with new ones: an ambient pod
         that is not `enabled` (it started before the plugin was installed, or it is `pending`
         because no ztunnel took it) is added again, and a pod that is no longer ambient is removed.
-        It runs on every change and, for a node, when its agent (re)starts.
+        It runs on every change and, for a node, when its agent (re)starts: a new agent knows no
+        pod, so it takes back every ambient pod of its node, `enabled` ones included (the snapshot
+        it gives ztunnel is built from them, istio-cni's `ConstructInitialSnapshot`); without
+        that, ztunnel would drop their listeners when it reconnects to the new agent.
         """
         for key, pod in list(self.running.items()):
             if key in self.sandbox_retry or pod.node not in self.agent_ready or (node and pod.node != node):
                 continue
             want = self.is_ambient(pod)
             status = pod.meta.annotations.get(REDIRECTION_ANNOTATION, "")
-            if want and status != "enabled":
+            if want and (status != "enabled" or agent_started):
                 await self.add_to_mesh(pod, "informer")
             elif not want and (key in self.enrolled or status):
                 await self.remove_from_mesh(pod)
@@ -872,7 +875,7 @@ class Supervisor:
             self.agent_ready.discard(node.name)
             await self.wait_agent_ready(node)
             async with self.lock:
-                await self.sync_enrolment(node.name)
+                await self.sync_enrolment(node.name, agent_started=True)
         await reply({"done": True, "stdout": f"{what} on {node.name} started (pid {pid})"})
 
     async def op_components(self, req: dict, reply: Reply) -> None:

@@ -36,6 +36,8 @@ from typing import Any
 from lab.common.admin_socket import admin_response, start_admin, stop_admin
 from lab.common.events import EventEmitter
 from lab.common.procname import name_process
+from lab.common.seams import Seams
+from lab.common.state import run_dir
 from lab.ztunnel import access_log
 from lab.ztunnel.admin import certificate_dump, config_dump
 from lab.ztunnel.cert_fetcher import CertFetcher
@@ -122,7 +124,8 @@ class Mesh:
         self.pool = WorkloadHbonePool(WorkloadConnector(self.identities, self.tls, cfg.packet_mark,
                                                         cfg.connect_timeout, cfg.pool_max_streams))
         self.fetcher = CertFetcher(cfg.node, self.identities, self.tls)
-        self.inputs = MeshInputs(self.state, self.changes, self.identities, self.tls, self.pool)
+        self.inputs = MeshInputs(self.state, self.changes, self.identities, self.tls, self.pool,
+                                 seams=Seams(run_dir(cfg.lab)))
         self.xds = XdsClient(address, root_pem, cfg.node, token, self.state, emit, on_change=self.on_change)
 
     def start(self) -> None:

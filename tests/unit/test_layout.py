@@ -58,8 +58,8 @@ def within(module: str, packages: tuple[str, ...]) -> bool:
 
 def test_the_top_of_lab_is_the_component_table():
     top = sorted(p.name for p in LAB.iterdir() if p.is_dir() and (p / "__init__.py").exists())
-    assert top == ["apps", "cli", "cni", "common", "hbone", "istiod", "kube", "proto", "supervisor", "tls", "tui",
-                   "waypoint", "ztunnel"]
+    assert top == ["apps", "cli", "cni", "common", "course", "hbone", "istiod", "kube", "proto", "supervisor", "tls",
+                   "tui", "waypoint", "ztunnel"]
     loose = sorted(p.name for p in LAB.glob("*.py"))
     assert loose == ["__init__.py", "__main__.py"], "modules belong in a package named after what they play"
     for package in top:

@@ -77,7 +77,7 @@ from lab.ztunnel.proxy import (
 )
 from lab.ztunnel.proxy.inbound_passthrough import emit_rbac
 from lab.ztunnel.proxy.outbound import baggage_of
-from lab.ztunnel.rbac import Connection, assert_rbac
+from lab.ztunnel.rbac import Connection
 from lab.ztunnel.socket import Addr, format_addr, upstream_socket
 from lab.ztunnel.state import Workload
 
@@ -220,7 +220,7 @@ class Tunnel:
                                 f"{self.client_identity} ({self.peer[0]}) -> port {target[1]}: allowed, or the "
                                 f"CONNECT is answered 401")
                 workload = mesh.state.workloads.get(self.workload.uid, workload)  # policies may have changed
-            decision = assert_rbac(mesh.state.policies_for(workload), ctx)
+            decision = mesh.authorize(workload, ctx)
             emit_rbac(flow, decision, ctx)
             if not decision.allowed:
                 flow.response_flags = "DENY"

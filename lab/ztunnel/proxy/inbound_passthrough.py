@@ -39,7 +39,7 @@ from lab.ztunnel.proxy import (
     UnknownWorkload,
 )
 from lab.ztunnel.proxy.relay import copy_bidirectional
-from lab.ztunnel.rbac import Connection, Decision, assert_rbac
+from lab.ztunnel.rbac import Connection, Decision
 from lab.ztunnel.socket import Addr, format_addr, orig_dst_addr, upstream_socket
 
 
@@ -102,7 +102,7 @@ async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.Strea
             await flow.hold("authorization",
                             f"ztunnel on {pi.cfg.node} will check pod {pod}'s AuthorizationPolicies for "
                             f"{client_ip}, plaintext with no identity, -> port {target[1]}: allowed, or reset")
-        decision = assert_rbac(mesh.state.policies_for(dst), ctx)
+        decision = mesh.authorize(dst, ctx)
         emit_rbac(flow, decision, ctx)
         if not decision.allowed:
             flow.response_flags = "DENY"
