@@ -81,7 +81,29 @@ def pods_behind_ztunnel(lab: LiveLab, spec: dict[str, Any]) -> Answer:
     return Answer(truth, explain, lead, _names)
 
 
+def connect_authority(lab: LiveLab, spec: dict[str, Any]) -> Answer:
+    """The `:authority` of the CONNECT that a request to a Service produces at the pod, without a
+    waypoint: the chosen pod's own IP and target port (zt build_request), not the Service's VIP."""
+    pod = lab.resolve(str(spec["pod"]))
+    port = int(spec.get("port", 9080))
+    truth = f"{pod['ip']}:{port}"
+    services = {s["spec"].get("clusterIP", ""): s["metadata"]["name"] for s in lab.objects("services", "default")}
+
+    def explain(given: str) -> str:
+        ip, _, p = given.strip().rpartition(":")
+        if ip in services:
+            return (f"{ip} is the ClusterIP of Service {services[ip]}: the address curl dialled. Without a waypoint, the "
+                    f"source ztunnel picks a pod itself and asks the destination for that pod's IP and target port")
+        if p == "15008":
+            return "15008 is where the mTLS connection goes (the TCP destination); the CONNECT names where the tunnel leads"
+        return f"{given} is not what the CONNECT said: the decrypted capture shows `Header: :authority: ...`"
+
+    return Answer(truth, explain, lead=f"pod {pod['pod']} is {pod['ip']}: capture there with --decrypt, start it "
+                                       f"first, then send the request")
+
+
 ANSWERS: dict[str, Callable[[LiveLab, dict[str, Any]], Answer]] = {
+    "connect_authority": connect_authority,
     "ztunnel_pid": ztunnel_pid,
     "pods_behind_ztunnel": pods_behind_ztunnel,
 }

@@ -134,12 +134,25 @@ def policy_mistakes(lab: LiveLab) -> list[str]:
                     if p != "*" and "/sa/" not in p and not p.endswith("*"):
                         out.append(f"policy {key} lists principal {p!r}, which matches no identity: Istio writes "
                                    f"identities as cluster.local/ns/NAMESPACE/sa/SERVICEACCOUNT")
+            admits_waypoint = any(p.endswith("/sa/waypoint") for entry in rule.get("from") or []
+                                  for p in (entry.get("source") or {}).get("principals") or [])
+            if admits_waypoint and spec.get("selector") is not None and not any(
+                    (o.get("spec") or {}).get("targetRefs") for o in lab.objects("authorizationpolicies")):
+                out.append(f"policy {key} admits the waypoint's identity at L4: through the waypoint every client "
+                           f"arrives as the waypoint, so it lets every client in; only the waypoint still knows the "
+                           f"real client, and a policy with targetRefs tells it whom to admit")
             l7 = l7_fields_of_rule(rule or {})
             if l7 and spec.get("selector") is not None:
                 out.append(f"policy {key} selects pods ({(spec['selector'] or {}).get('matchLabels')}) and names HTTP "
                            f"attributes ({', '.join(l7)}): ztunnel cannot see HTTP, so istiod dropped those rules "
                            f"(an ALLOW policy left with none allows nothing); a waypoint enforces HTTP rules, and "
                            f"a policy reaches it with targetRefs")
+    for pa in lab.objects("peerauthentications"):
+        mode = ((pa.get("spec") or {}).get("mtls") or {}).get("mode")
+        if mode in ("PERMISSIVE", "DISABLE"):
+            out.append(f"PeerAuthentication {pa['metadata']['namespace']}/{pa['metadata']['name']} is {mode}: its "
+                       f"pods now accept plaintext from anyone, in the mesh or not; STRICT refuses only connections "
+                       f"without a client identity, so the question is how a client gets one")
     return out
 
 
@@ -469,3 +482,41 @@ def rbac_truth_table(lab: LiveLab, spec: dict, ctx: Context) -> Result:
                           retry=False)
     return Result(True, title)
 
+
+
+@check("hbone_request_truth_table")
+def hbone_request_truth_table(lab: LiveLab, spec: dict, ctx: Context) -> Result:
+    """The learner's `create_hbone_request` builds the CONNECT ztunnel builds: the same
+    `:authority`, `forwarded`, `baggage`, and a valid `traceparent` carrying the flow's trace id."""
+    from lab.common.seams import SeamError
+    from lab.course.tables import hbone_request_cases
+    from lab.hbone.headers import TraceparentError, create_hbone_request, parse_traceparent
+
+    title = "your create_hbone_request() should build ztunnel's CONNECT (authority, forwarded, baggage, traceparent)"
+    mine = learner_function(ctx)
+    why = {":authority": "the :authority names where the tunnel leads: the destination's IP and port (IPv6 in brackets)",
+           "forwarded": 'forwarded says who the client is: for="IP:PORT" (quoted), and ;host= the Service\'s name when '
+                        "there is one",
+           "baggage": "baggage describes the SOURCE workload (cluster, namespace, workload, service, version)"}
+    for name, args in hbone_request_cases():
+        want = create_hbone_request(**args)
+        try:
+            got = mine(**args)
+        except SeamError as e:
+            return Result(False, title, str(e), hints=[str(e)], retry=False)
+        for field_name, w, g in ((":authority", want.authority, getattr(got, "authority", None)),
+                                 ("forwarded", want.get("forwarded"), got.get("forwarded") if hasattr(got, "get") else None),
+                                 ("baggage", want.get("baggage"), got.get("baggage") if hasattr(got, "get") else None)):
+            if w != g:
+                return Result(False, title, f"for {name}, {field_name} is {g!r}", retry=False,
+                              hints=[f"{name}: ztunnel sends {field_name} {w!r}, yours {g!r}: {why[field_name]}"])
+        try:
+            tp = parse_traceparent(got.get("traceparent") or "")
+        except TraceparentError as e:
+            return Result(False, title, f"for {name}, traceparent is not valid: {e}", retry=False,
+                          hints=["traceparent is W3C's 00-<32 hex trace id>-<16 hex span id>-00 (format_traceparent)"])
+        if tp.trace_id != args["trace_id"]:
+            return Result(False, title, f"for {name}, the traceparent's trace id is {tp.trace_id}", retry=False,
+                          hints=["the traceparent carries the flow's trace id, so that the destination's steps share "
+                                 "it: pass trace_id to format_traceparent"])
+    return Result(True, title)

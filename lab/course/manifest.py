@@ -22,6 +22,7 @@ Nothing here touches a lab: this module only reads and checks the data.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import yaml
 from lab.common.errors import LabError
 
 KINDS = ("fix", "build")
+LAB_PREFIX_ENV = "AMBIENT_LAB_EXERCISE_PREFIX"
 
 
 @dataclass
@@ -63,8 +65,9 @@ class Exercise:
 
     @property
     def lab(self) -> str:
-        """The exercise's own lab: named after it, so it never touches the learner's other labs."""
-        return f"ex{self.number:02d}"
+        """The exercise's own lab: named after it (ex01...), so it never touches the learner's
+        other labs; $AMBIENT_LAB_EXERCISE_PREFIX changes the prefix (the authors' check uses its own)."""
+        return f"{os.environ.get(LAB_PREFIX_ENV) or 'ex'}{self.number:02d}"
 
     @property
     def task(self) -> Path:

@@ -45,3 +45,22 @@ def rbac_cases() -> list[tuple[str, list[Authorization], Connection]]:
         ("an ALLOW policy with no rules (it allows nothing), curl connecting", [ALLOW_NOTHING], FROM_CURL),
         ("a dry-run DENY of everything, curl connecting (dry-run is never enforced)", [DRY_DENY_ALL], FROM_CURL),
     ]
+
+
+def hbone_request_cases() -> list[tuple[str, dict]]:
+    """(situation, the arguments ztunnel passes to create_hbone_request)."""
+    from lab.hbone.headers import Baggage
+
+    bag = Baggage(cluster_name="Kubernetes", namespace="default", workload_kind="deployment", workload_name="curl",
+                  service_name="curl", service_version="latest")
+    return [
+        ("a connection from 10.244.1.2:43210 to pod 10.244.2.3 port 9080, for Service productpage",
+         dict(dst_ip="10.244.2.3", dst_port=9080, src_ip="10.244.1.2", src_port=43210,
+              service_host="productpage.default.svc.cluster.local", baggage=bag, trace_id="4bf92f3577b34da6a3ce929d0e0e4736")),
+        ("a connection to a pod's IP (no Service), from 10.244.1.2:50000",
+         dict(dst_ip="10.244.2.7", dst_port=8080, src_ip="10.244.1.2", src_port=50000, service_host=None, baggage=bag,
+              trace_id="0af7651916cd43dd8448eb211c80319c")),
+        ("an IPv6 pod, fd00::7 port 9080, from fd00::2 port 41000",
+         dict(dst_ip="fd00::7", dst_port=9080, src_ip="fd00::2", src_port=41000, service_host=None, baggage=bag,
+              trace_id="a3ce929d0e0e47364bf92f3577b34da6")),
+    ]

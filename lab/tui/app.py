@@ -34,6 +34,7 @@ from lab.tui.screens.base import LabScreen
 from lab.tui.screens.cluster import ClusterScreen
 from lab.tui.screens.controlplane import ControlPlaneScreen
 from lab.tui.screens.events import EventsScreen
+from lab.tui.screens.exercise import ExerciseScreen
 from lab.tui.screens.flows import FlowsScreen
 from lab.tui.screens.help import HelpScreen
 from lab.tui.screens.pod import PodScreen
@@ -71,7 +72,7 @@ class LabApp(App):
     CSS_PATH = "lab.tcss"
     TITLE = "ambient-lab"
     MODES = {"cluster": ClusterScreen, "resources": ResourceScreen, "flows": FlowsScreen,
-             "istiod": ControlPlaneScreen, "events": EventsScreen}
+             "istiod": ControlPlaneScreen, "events": EventsScreen, "ex": ExerciseScreen}
     DEFAULT_MODE = "cluster"
     BINDINGS = [
         Binding("colon", "command_line", "view", key_display=":"),
@@ -81,6 +82,7 @@ class LabApp(App):
         Binding("3", "go('flows')", "flows", show=False),
         Binding("4", "go('istiod')", "istiod", show=False),
         Binding("5", "go('events')", "events", show=False),
+        Binding("6", "go('ex')", "exercise", show=False),
         Binding("X", "live_step_mode", "step mode", show=False),
         Binding("q", "quit", "quit"),
     ]
@@ -134,7 +136,7 @@ class LabApp(App):
 
     # -- navigation --------------------------------------------------------------------------------
     async def action_go(self, where: str) -> None:
-        if where in ("cluster", "flows", "istiod", "events"):
+        if where in ("cluster", "flows", "istiod", "events", "ex"):
             await self.go_mode(where)
         else:
             await self.open_view(where)

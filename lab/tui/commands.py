@@ -19,7 +19,8 @@ POD_TABS = ("iptables", "sockets", "network")
 
 # `:word` -> a top-level screen that is not a resource table.
 SCREENS = {"cluster": "cluster", "flows": "flows", "flow": "flows", "istiod": "istiod", "cp": "istiod",
-           "controlplane": "istiod", "events": "events", "ev": "events", "wire": "wire"}
+           "controlplane": "istiod", "events": "events", "ev": "events", "wire": "wire", "ex": "ex",
+           "exercise": "ex", "exercises": "ex"}
 
 
 def in_netns(netns: str, *argv: str) -> list[str]:

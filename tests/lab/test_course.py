@@ -15,9 +15,10 @@ import pytest
 
 from lab.course import runner
 from lab.course.checks import Result
+from lab.course.manifest import LAB_PREFIX_ENV
 from lab.supervisor.lifecycle import down_one
 from tests.conftest import ROOT
-from tests.lab.conftest import _made
+from tests.lab.conftest import TEST_PREFIX, _made
 
 pytestmark = pytest.mark.lab
 
@@ -30,6 +31,7 @@ def course(root, tmp_path, monkeypatch) -> runner.Course:
     for d in ("exercises", "solutions"):
         shutil.copytree(Path(ROOT) / d, tmp_path / d)
     monkeypatch.setenv(runner.EXERCISES_ENV, str(tmp_path / "exercises"))
+    monkeypatch.setenv(LAB_PREFIX_ENV, f"{TEST_PREFIX}x")  # never a learner's ex01...
     return runner.Course.load(tmp_path / "exercises")
 
 

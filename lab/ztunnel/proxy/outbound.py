@@ -37,9 +37,10 @@ import ipaddress
 from collections.abc import Set as AbstractSet
 from typing import Any
 
+from lab.common.seams import SeamError
 from lab.hbone import HboneConnection, HboneHttpError
 from lab.hbone import copy_bidirectional as hbone_copy
-from lab.hbone.headers import Baggage, create_hbone_request, header_value
+from lab.hbone.headers import Baggage, HboneRequest, create_hbone_request, header_value
 from lab.ztunnel.config import ILLEGAL_PORTS
 from lab.ztunnel.identity_manager import CertificateUnavailable
 from lab.ztunnel.metrics import FLAG_CONNECT
@@ -211,9 +212,15 @@ async def proxy_to_hbone(flow: Flow, plan: Hbone, reader: asyncio.StreamReader,
               identity=str(source.identity), serial=cert.serial, not_after=cert.not_after.isoformat(),
               role="client")
 
-    request = create_hbone_request(
-        plan.target[0], plan.target[1], src_ip=flow.src[0], src_port=flow.src[1],
-        service_host=flow.dst_service, baggage=baggage_of(source), trace_id=flow.id)
+    build = create_hbone_request  # a learner's, while the HBONE request exercise runs (lab/common/seams.py)
+    if mesh.seams is not None:
+        build = mesh.seams.get("ztunnel.create_hbone_request", build,
+                               check=lambda v: None if isinstance(v, HboneRequest) else "expected an HboneRequest")
+    try:
+        request = build(plan.target[0], plan.target[1], src_ip=flow.src[0], src_port=flow.src[1],
+                        service_host=flow.dst_service, baggage=baggage_of(source), trace_id=flow.id)
+    except SeamError as e:
+        raise ProxyError(str(e)) from e
     key = WorkloadKey(src_id=source.identity, dst_id=plan.expected_identities, src=flow.src[0],
                       dst=plan.hbone_dst, netns=pi.netns)
     shown_handshake = False
