@@ -9,6 +9,7 @@ denied, the rule that is really missing. A sentence that ignores the state is no
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -156,7 +157,7 @@ def policy_mistakes(lab: LiveLab) -> list[str]:
     return out
 
 
-def waypoint_mistakes(lab: LiveLab, namespace: str = "default") -> list[str]:
+def waypoint_mistakes(lab: LiveLab, namespace: str = "default", pod_addressed: bool = False) -> list[str]:
     """Live hints about waypoint attachment: who says `istio.io/use-waypoint`, and for what."""
     gateways = [g for g in lab.objects("gateways", namespace) if g["spec"].get("gatewayClassName") == "istio-waypoint"]
     if not gateways:
@@ -171,6 +172,10 @@ def waypoint_mistakes(lab: LiveLab, namespace: str = "default") -> list[str]:
                    f"traffic straight to the pods, and the waypoint (with its L7 policies) is never on the path")
     for g in gateways:
         for_what = labels(g).get("istio.io/waypoint-for", "service")
+        if pod_addressed and for_what == "service":
+            out.append(f"this request is addressed to a pod's IP, and waypoint {g['metadata']['name']} takes only "
+                       f"traffic addressed to Services (istio.io/waypoint-for: service): ztunnel sends it straight to "
+                       f"the pod")
         pods = [pod_name(p) for p in lab.pods(namespace) if labels(p).get("istio.io/use-waypoint")]
         if pods and for_what == "service":
             out.append(f"pods {', '.join(pods[:3])} carry istio.io/use-waypoint, but waypoint {g['metadata']['name']} "
@@ -185,6 +190,14 @@ CURL_EXITS = {0: "answered", 6: "could not resolve the name", 7: "was refused (e
               56: "was reset (exit 56)"}
 
 
+def resolve_url(lab: LiveLab, url: str, namespace: str = "default") -> str:
+    """`{pod_ip:PREFIX}` in a URL becomes the IP of the first pod whose name starts with PREFIX."""
+    def ip_of(m: re.Match) -> str:
+        pod = next((p for p in lab.pods(namespace) if pod_name(p).startswith(m.group(1))), None)
+        return (pod or {}).get("status", {}).get("podIP", "") or "0.0.0.0"
+    return re.sub(r"\{pod_ip:([\w.-]+)\}", ip_of, url)
+
+
 def run_curl(lab: LiveLab, spec: dict) -> tuple[int, int, str, str]:
     """(exit code, HTTP status, body, command) of one curl from a pod."""
     args = ["curl", "-s", "--max-time", str(spec.get("timeout", 5)), "-o", "/dev/stdout", "-w", "\\n%{http_code}"]
@@ -192,7 +205,7 @@ def run_curl(lab: LiveLab, spec: dict) -> tuple[int, int, str, str]:
         args += ["-X", str(spec["method"])]
     for h in spec.get("headers") or []:
         args += ["-H", str(h)]
-    args.append(str(spec["url"]))
+    args.append(resolve_url(lab, str(spec["url"])))
     r = lab.exec(str(spec["from"]), *args, namespace=str(spec.get("namespace", "default")))
     body, _, status = r.stdout.rpartition("\n")
     shown = r.command.replace("-o /dev/stdout -w '\\n%{http_code}'", "-w '%{http_code}\\n'")
@@ -231,7 +244,7 @@ def curl(lab: LiveLab, spec: dict, ctx: Context) -> Result:
                              f"this connection yet (see `{lab.cmd('ztunnel-config', 'policies')}`)")
         else:
             res.hints.append(f"the last events of this flow: `{lab.cmd('trace')}` shows each step of it")
-        res.hints += policy_mistakes(lab) + waypoint_mistakes(lab)
+        res.hints += policy_mistakes(lab) + waypoint_mistakes(lab, pod_addressed="{pod_ip:" in str(spec["url"]))
     return res
 
 
@@ -519,4 +532,54 @@ def hbone_request_truth_table(lab: LiveLab, spec: dict, ctx: Context) -> Result:
             return Result(False, title, f"for {name}, the traceparent's trace id is {tp.trace_id}", retry=False,
                           hints=["the traceparent carries the flow's trace id, so that the destination's steps share "
                                  "it: pass trace_id to format_traceparent"])
+    return Result(True, title)
+
+
+@check("identity_truth_table")
+def identity_truth_table(lab: LiveLab, spec: dict, ctx: Context) -> Result:
+    """The learner's `match_server_identity` accepts exactly what ztunnel's IdentityVerifier does."""
+    from lab.common.seams import SeamError
+    from lab.course.tables import identity_cases
+    from lab.tls.contexts import match_server_identity as reference
+
+    title = "your match_server_identity() should accept a server only on an exact SPIFFE identity"
+    mine = learner_function(ctx)
+    for name, presented, expected in identity_cases():
+        want = reference(presented, expected)
+        try:
+            got = mine(presented, expected)
+        except SeamError as e:
+            return Result(False, title, str(e), hints=[str(e)], retry=False)
+        if got != want:
+            verdict = "accepted" if got is not None else "refused"
+            return Result(False, title, f"for {name} it {verdict} the server", retry=False,
+                          hints=[f"{name}: ztunnel {'accepts' if want else 'refuses'} it. Compare whole identities "
+                                 f"(trust domain, namespace and service account), never a prefix: presented "
+                                 f"{[str(i) for i in presented]}, expected {[str(i) for i in expected]}"])
+    return Result(True, title)
+
+
+@check("decision_truth_table")
+def decision_truth_table(lab: LiveLab, spec: dict, ctx: Context) -> Result:
+    """The learner's `build_request` decides as ztunnel's does: the plan's kind and next hop."""
+    import random
+
+    from lab.common.seams import SeamError
+    from lab.course.tables import decision_cases, decision_state
+    from lab.ztunnel.proxy.decision import build_request as reference
+
+    title = "your build_request() should decide as ztunnel does (HBONE, TCP, passthrough, via a waypoint, refuse)"
+    state = decision_state()
+    source = state.workload_by_ip("10.244.1.20")
+    mine = learner_function(ctx)
+    for name, dst in decision_cases():
+        want = reference(state, source, dst, random.Random(0))
+        try:
+            got = mine(state, source, dst, random.Random(0))
+        except SeamError as e:
+            return Result(False, title, str(e), hints=[str(e)], retry=False)
+        got_hop = getattr(got, "upstream", None)
+        if type(got) is not type(want) or got_hop != want.upstream:
+            return Result(False, title, f"for {name} it planned {type(got).__name__} to {got_hop}", retry=False,
+                          hints=[f"{name}: ztunnel plans {type(want).__name__} to {want.upstream}: {want.reason}"])
     return Result(True, title)

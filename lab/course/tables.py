@@ -64,3 +64,72 @@ def hbone_request_cases() -> list[tuple[str, dict]]:
          dict(dst_ip="fd00::7", dst_port=9080, src_ip="fd00::2", src_port=41000, service_host=None, baggage=bag,
               trace_id="a3ce929d0e0e47364bf92f3577b34da6")),
     ]
+
+
+def identity_cases() -> list[tuple[str, list[Identity], list[Identity]]]:
+    """(situation, identities the server presented, identities the client expected)."""
+    pp = Identity("cluster.local", "default", "bookinfo-productpage")
+    return [
+        ("the server proves exactly the expected identity", [pp], [pp]),
+        ("the server proves one of two expected identities (a service's SANs)", [pp],
+         [Identity("cluster.local", "default", "web"), pp]),
+        ("an impostor whose service account only starts with the expected one",
+         [Identity("cluster.local", "default", "bookinfo-productpage-evil")], [pp]),
+        ("the right namespace and trust domain, another service account", [Identity("cluster.local", "default", "curl")],
+         [pp]),
+        ("the right service account in another namespace", [Identity("cluster.local", "other", "bookinfo-productpage")],
+         [pp]),
+        ("the right name in another trust domain", [Identity("evil.example", "default", "bookinfo-productpage")], [pp]),
+        ("a certificate with no SPIFFE identity at all", [], [pp]),
+    ]
+
+
+def decision_state():
+    """A small mesh as ztunnel holds it (xDS resources): productpage and reviews in the mesh, a
+    legacy pod outside it, ratings behind a waypoint, an empty service (see decision_cases)."""
+    from lab.proto.xds import ADDRESS_TYPE, Resource
+    from lab.ztunnel.state import ProxyState
+
+    def workload(name, ip, sa, protocol="HBONE", services=None):
+        return {"workload": {"uid": f"Kubernetes//Pod/default/{name}", "name": name, "namespace": "default",
+                             "addresses": [ip], "node": "n1", "service_account": sa, "trust_domain": "",
+                             "tunnel_protocol": protocol, "canonical_name": name, "canonical_revision": "v1",
+                             "workload_type": "deployment", "workload_name": name, "services": services or {},
+                             "authorization_policies": [], "status": "HEALTHY", "waypoint": None}}
+
+    def service(name, vip, ports, waypoint=None):
+        return {"service": {"name": name, "namespace": "default", "hostname": f"{name}.default.svc.cluster.local",
+                            "addresses": [vip], "ports": [{"service_port": s, "target_port": t} for s, t in ports],
+                            "subject_alt_names": [], "waypoint": waypoint, "load_balancing": None}}
+
+    def key(name):
+        return f"default/{name}.default.svc.cluster.local"
+
+    bodies = [
+        service("productpage", "10.96.0.10", [(9080, 9080)]),
+        workload("productpage-v1", "10.244.1.10", "bookinfo-productpage", services={key("productpage"): {"9080": 9080}}),
+        service("legacy", "10.96.0.71", [(80, 8080)]),
+        workload("legacy-web", "10.244.2.71", "default", protocol="NONE", services={key("legacy"): {"80": 8080}}),
+        service("waypoint", "10.96.0.50", [(15008, 15008)]),
+        workload("waypoint-abc", "10.244.2.50", "waypoint", protocol="NONE", services={key("waypoint"): {"15008": 15008}}),
+        service("ratings", "10.96.0.30", [(9080, 9080)], waypoint={"address": "10.96.0.50", "hbone_mtls_port": 15008}),
+        workload("ratings-v1", "10.244.2.31", "bookinfo-ratings", services={key("ratings"): {"9080": 9080}}),
+        service("empty", "10.96.0.60", [(80, 8080)]),
+        workload("curl", "10.244.1.20", "curl"),
+    ]
+    state = ProxyState()
+    state.apply(ADDRESS_TYPE, [Resource(b["workload"]["uid"] if "workload" in b else key(b["service"]["name"]), "v1", b)
+                               for b in bodies])
+    return state
+
+
+def decision_cases() -> list[tuple[str, tuple[str, int]]]:
+    """(situation, the original destination the app in pod curl connected to)."""
+    return [
+        ("Service productpage's ClusterIP (its pod is in the mesh)", ("10.96.0.10", 9080)),
+        ("pod productpage-v1's own IP", ("10.244.1.10", 9080)),
+        ("Service legacy's ClusterIP (its pod is not in the mesh)", ("10.96.0.71", 80)),
+        ("Service ratings, which has a waypoint", ("10.96.0.30", 9080)),
+        ("Service empty, which has no endpoint", ("10.96.0.60", 80)),
+        ("an address outside the cluster", ("192.0.2.7", 443)),
+    ]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from lab.tls.certificate import WorkloadCertificate, identities_in_cert, peer_certificate
 from lab.tls.identity import Identity
@@ -117,17 +117,29 @@ def client_context(cert: WorkloadCertificate, roots_pem: bytes, *,
     return ctx
 
 
-def verify_server_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket,
-                           expected: Iterable[Identity]) -> Identity:
+def match_server_identity(presented: list[Identity], expected: list[Identity]) -> Identity | None:
+    """The decision inside zt `IdentityVerifier` (pure): the first SPIFFE identity the server
+    presented that EXACTLY equals one the client expected, or None. Not a prefix, not a trust
+    domain: `sa/productpage-evil` is not `sa/productpage`."""
+    for identity in presented:
+        if identity in expected:
+            return identity
+    return None
+
+
+def verify_server_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: Iterable[Identity],
+                           match: Callable[[list[Identity], list[Identity]], Identity | None] = match_server_identity
+                           ) -> Identity:
     """Client side (zt `IdentityVerifier`): one SPIFFE URI SAN of the server's certificate must
     exactly equal one of `expected` (the destination workload's identity plus the service's
-    subject_alt_names). Returns the matching identity; raises IdentityMismatch otherwise."""
+    subject_alt_names). Returns the matching identity; raises IdentityMismatch otherwise.
+    `match` is the decision (a learner's, in the identity exercise)."""
     wanted = list(expected)
     presented = identities_in_cert(peer_certificate(ssl_object))
-    for identity in presented:
-        if identity in wanted:
-            return identity
-    raise IdentityMismatch(wanted, presented)
+    found = match(presented, wanted)
+    if found is None:
+        raise IdentityMismatch(wanted, presented)
+    return found
 
 
 def verify_client_trust_domain(ssl_object: ssl.SSLObject | ssl.SSLSocket,

@@ -189,7 +189,7 @@ class UnknownWaypoint(Failure):
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_from_waypoint(state: ProxyState, source: Workload | None, gw: GatewayAddress) -> bool:
+def is_from_waypoint(state: ProxyState, source: Workload | None, gw: GatewayAddress) -> bool:
     """Is the source itself this waypoint? Then do not send its traffic back to it."""
     if source is None:
         return False
@@ -201,7 +201,7 @@ def _is_from_waypoint(state: ProxyState, source: Workload | None, gw: GatewayAdd
     return False
 
 
-def _via_waypoint(state: ProxyState, source: Workload | None, original_dst: Addr, gw: GatewayAddress,
+def via_waypoint(state: ProxyState, source: Workload | None, original_dst: Addr, gw: GatewayAddress,
                   rng: random.Random, service: Service | None, workload: Workload | None) -> Plan:
     """HBONE to the waypoint in front of `service` (or `workload`), authority = original dst."""
     what = f"service {service.hostname}" if service else f"pod {workload.name if workload else '?'}"
@@ -243,8 +243,8 @@ def build_request(state: ProxyState, source: Workload | None, original_dst: Addr
 
     if isinstance(dest, Service):
         service = dest
-        if service.waypoint is not None and not _is_from_waypoint(state, source, service.waypoint):
-            return _via_waypoint(state, source, original_dst, service.waypoint, rng, service, None)
+        if service.waypoint is not None and not is_from_waypoint(state, source, service.waypoint):
+            return via_waypoint(state, source, original_dst, service.waypoint, rng, service, None)
         if service.lb_mode == "PASSTHROUGH":
             # zt find_upstream: OriginalDestination whatever the endpoints, and no intended service
             return Passthrough(
@@ -265,8 +265,8 @@ def build_request(state: ProxyState, source: Workload | None, original_dst: Addr
                  f"picked pod {workload.name} ({dst_ip}, port {port} -> {target_port})")
     elif isinstance(dest, Workload):
         workload, target_port, dst_ip = dest, port, ip
-        if workload.waypoint is not None and not _is_from_waypoint(state, source, workload.waypoint):
-            return _via_waypoint(state, source, original_dst, workload.waypoint, rng, None, workload)
+        if workload.waypoint is not None and not is_from_waypoint(state, source, workload.waypoint):
+            return via_waypoint(state, source, original_dst, workload.waypoint, rng, None, workload)
         found = f"{ip} is the IP of pod {workload.namespace}/{workload.name}"
     else:
         return Passthrough(
@@ -274,6 +274,15 @@ def build_request(state: ProxyState, source: Workload | None, original_dst: Addr
             reason=(f"{ip} is neither a known pod nor a service VIP, so the destination is outside the "
                     f"mesh: ztunnel passes the connection through as plain TCP to {_addr(original_dst)}"))
 
+    return to_workload(source, original_dst, workload, target_port, service, found)
+
+
+def to_workload(source: Workload | None, original_dst: Addr, workload: Workload, target_port: int,
+                service: Service | None, found: str = "") -> Plan:
+    """The last step of the decision: to the chosen pod itself, HBONE to its 15008 if it is in
+    the mesh (tunnel_protocol HBONE), else plain TCP to its port (zt build_request's tail)."""
+    dst_ip = workload.addresses[0]
+    found = found or f"the destination is pod {workload.namespace}/{workload.name}"
     if workload.hbone:
         sans = service.san_identities() if service else []
         expected = tuple(dict.fromkeys([workload.identity, *sans]))

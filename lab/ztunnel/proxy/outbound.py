@@ -121,7 +121,14 @@ async def handle(flow: Flow, reader: asyncio.StreamReader, writer: asyncio.Strea
         if source is None:
             raise UnknownWorkload("source", pi.workload, pi.cfg.workload_wait)
         flow.src_workload = source
-        plan = build_request(mesh.state, source, target, mesh.rng)
+        decide = build_request  # a learner's, while the outbound decision exercise runs (lab/common/seams.py)
+        if mesh.seams is not None:
+            decide = mesh.seams.get("ztunnel.build_request", decide,
+                                    check=lambda v: None if isinstance(v, Plan) else "expected a Plan")
+        try:
+            plan = decide(mesh.state, source, target, mesh.rng)
+        except SeamError as e:
+            raise ProxyError(str(e)) from e
     flow.dst_workload = plan.actual_destination_workload
     flow.dst_service = plan.destination_service.hostname if plan.destination_service else None
     flow.emit("conn.plan", f"ztunnel on {flow.node} decided: {plan.reason}", **plan.event_fields())

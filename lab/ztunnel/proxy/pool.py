@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lab.common.seams import SeamError, Seams
 from lab.hbone import (
     HboneConnection,
     HboneConnectionPool,
@@ -38,7 +39,7 @@ from lab.hbone import (
     open_hbone_connection,
 )
 from lab.hbone.headers import Header
-from lab.tls.contexts import IdentityMismatch, verify_server_identity
+from lab.tls.contexts import IdentityMismatch, match_server_identity, verify_server_identity
 from lab.tls.identity import Identity
 from lab.ztunnel.proxy import ProxyError, io_error
 from lab.ztunnel.socket import Addr, format_addr, upstream_socket
@@ -81,6 +82,13 @@ class WorkloadConnector:
     mark: int
     connect_timeout: float = 10.0
     max_streams: int = 100
+    seams: Seams | None = None  # the identity exercise plugs a learner's match_server_identity here
+
+    def match(self) -> Callable[[list[Identity], list[Identity]], Identity | None]:
+        if self.seams is None:
+            return match_server_identity
+        return self.seams.get("ztunnel.match_server_identity", match_server_identity,
+                              check=lambda v: None if v is None or isinstance(v, Identity) else "expected an Identity or None")
 
     async def __call__(self, key: WorkloadKey) -> HboneConnection:
         if key.netns is None:
@@ -100,9 +108,12 @@ class WorkloadConnector:
         try:
             conn = await open_hbone_connection(
                 key.dst[0], key.dst[1], ctx, sock=sock, timeout=self.connect_timeout, max_streams=self.max_streams,
-                verify=lambda ssl_object: proved.append(verify_server_identity(ssl_object, key.dst_id)))
+                verify=lambda ssl_object: proved.append(verify_server_identity(ssl_object, key.dst_id, self.match())))
         except IdentityMismatch as e:
             raise HboneConnectFailed(f"{e}: {e.detail()}") from e
+        except SeamError as e:
+            sock.close()
+            raise HboneConnectFailed(str(e)) from e
         except ssl.SSLError as e:
             sock.close()
             raise HboneConnectFailed(f"tls handshake error: {e.reason or e}") from e
