@@ -157,6 +157,24 @@ def policy_mistakes(lab: LiveLab) -> list[str]:
     return out
 
 
+def networkpolicy_mistakes(lab: LiveLab, namespace: str = "default") -> list[str]:
+    """Live hints about NetworkPolicies that admit an app's port but not HBONE's 15008."""
+    out = []
+    meshed = {pod_name(p): labels(p) for p in lab.pods(namespace) if annotations(p).get(REDIRECTION) == "enabled"}
+    for np in lab.objects("networkpolicies", namespace):
+        spec = np.get("spec") or {}
+        sel = (spec.get("podSelector") or {}).get("matchLabels") or {}
+        targets = [n for n, lab_labels in meshed.items() if all(lab_labels.get(k) == v for k, v in sel.items())]
+        ports = sorted({p.get("port") for rule in spec.get("ingress") or [] for p in rule.get("ports") or []
+                        if p.get("port") is not None}, key=str)
+        if targets and ports and 15008 not in ports:
+            out.append(f"NetworkPolicy {namespace}/{np['metadata']['name']} admits only port(s) "
+                       f"{', '.join(map(str, ports))} to {', '.join(targets[:2])}, which are in the mesh: meshed "
+                       f"clients reach them as HBONE on port 15008 (ztunnel's inbound port, from the client pod's "
+                       f"IP), so the node drops those packets and the call times out")
+    return out
+
+
 def waypoint_mistakes(lab: LiveLab, namespace: str = "default", pod_addressed: bool = False) -> list[str]:
     """Live hints about waypoint attachment: who says `istio.io/use-waypoint`, and for what."""
     gateways = [g for g in lab.objects("gateways", namespace) if g["spec"].get("gatewayClassName") == "istio-waypoint"]
@@ -244,7 +262,8 @@ def curl(lab: LiveLab, spec: dict, ctx: Context) -> Result:
                              f"this connection yet (see `{lab.cmd('ztunnel-config', 'policies')}`)")
         else:
             res.hints.append(f"the last events of this flow: `{lab.cmd('trace')}` shows each step of it")
-        res.hints += policy_mistakes(lab) + waypoint_mistakes(lab, pod_addressed="{pod_ip:" in str(spec["url"]))
+        res.hints += (policy_mistakes(lab) + networkpolicy_mistakes(lab)
+                      + waypoint_mistakes(lab, pod_addressed="{pod_ip:" in str(spec["url"])))
     return res
 
 

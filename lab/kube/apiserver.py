@@ -41,6 +41,7 @@ KIND_ALIASES = {
     "no": "Node", "node": "Node", "nodes": "Node",
     "gtw": "Gateway", "gateway": "Gateway", "gateways": "Gateway",
     "httproute": "HTTPRoute", "httproutes": "HTTPRoute",
+    "networkpolicy": "NetworkPolicy", "networkpolicies": "NetworkPolicy", "netpol": "NetworkPolicy",
     "authorizationpolicy": "AuthorizationPolicy", "authorizationpolicies": "AuthorizationPolicy", "ap": "AuthorizationPolicy",
     "peerauthentication": "PeerAuthentication", "peerauthentications": "PeerAuthentication", "pa": "PeerAuthentication",
     "destinationrule": "DestinationRule", "destinationrules": "DestinationRule", "dr": "DestinationRule",

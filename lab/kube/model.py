@@ -169,6 +169,7 @@ STORED_KINDS = {
     "AuthorizationPolicy",
     "PeerAuthentication",
     "DestinationRule",
+    "NetworkPolicy",
     "ConfigMap",
     "Secret",
 }

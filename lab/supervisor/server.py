@@ -28,7 +28,7 @@ from lab.common.events import Event, events_socket
 from lab.common.procname import name_process
 from lab.common.state import LabRecord, process_start_time, run_dir
 from lab.istiod.deployment_controller import DeploymentController
-from lab.kube import addressing, cluster, kubelet, kubeproxy, manifests, printers
+from lab.kube import addressing, cluster, kubelet, kubeproxy, manifests, networkpolicy, printers
 from lab.kube.apiserver import ApiServer, resolve_kind
 from lab.kube.model import CNI_NOT_READY_TAINT, REDIRECTION_ANNOTATION, Node, Pod, Service
 from lab.supervisor.cleanup import stop_processes, teardown
@@ -76,6 +76,7 @@ class Supervisor:
         self.kernel = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
         self.running: dict[tuple, Pod] = {}  # pods whose sandbox and app exist
         self.kube_proxy_rules: dict[str, str] = {}
+        self.network_policy_rules: dict[str, str] = {}  # node -> the NetworkPolicy rules installed
         self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_HISTORY)
         self.subscribers: set[asyncio.Queue] = set()
         self.progress: list[str] = []
@@ -280,6 +281,7 @@ class Supervisor:
         await self.sync_enrolment()
         self.write_dns_records()
         await self.sync_kube_proxy()
+        await self.sync_network_policies()
         self.changed()
 
     def is_ambient(self, pod: Pod) -> bool:
@@ -510,6 +512,26 @@ class Supervisor:
                 self.kube_proxy_rules[node.name] = text
                 self.emit("kube-proxy.synced", f"kube-proxy rewrote the service rules on {node.name}",
                           component="kube-proxy", node=node.name, services=len(self.api.services()))
+
+    async def sync_network_policies(self) -> None:
+        """The primary CNI's NetworkPolicy enforcement (lab/kube/networkpolicy.py), on every node."""
+        policies = [o.raw for o in self.api.list("NetworkPolicy", None)]
+        if not policies and not self.network_policy_rules:
+            return  # no policy has ever existed: the nodes' filter tables stay as kube-proxy left them
+        pods = [networkpolicy.PodInfo(p.name, p.namespace, p.ip, dict(p.meta.labels)) for p in self.running.values()]
+        namespaces = {n.name: dict(n.meta.labels) for n in self.api.list("Namespace")}
+        text, warnings = networkpolicy.render_rules(policies, pods, namespaces)
+        changed = False
+        for node in self.nodes:
+            if self.network_policy_rules.get(node.name) != text:
+                await self.on_kernel(kubeproxy.install_rules, node.netns, text)
+                self.network_policy_rules[node.name] = text
+                changed = True
+        if changed:
+            self.emit("networkpolicy.synced", f"NetworkPolicy rules rewritten on every node: "
+                      f"{text.count(' -j DROP')} isolated pods", component="kube-proxy")
+            for w in warnings:
+                self.emit("networkpolicy.warning", w, component="kube-proxy")
 
     # -- teardown -----------------------------------------------------------------------------
     async def shutdown(self) -> None:
