@@ -97,8 +97,10 @@ def load_course(path: Path, known_checks: set[str], known_answers: set[str]) -> 
     nodes = next(v for k, v in root.value if k.value == "exercises").value
     out: list[Exercise] = []
     seen: set[str] = set()
-    for raw, node in zip(data["exercises"], nodes):
+    for raw, node in zip(data["exercises"], nodes, strict=True):
         line = _line(node)
+        if not isinstance(raw, dict):
+            raise ManifestError(path, line, "each exercise is a mapping (name, title, kind, concept, checks...)")
 
         def need(key: str, kind: type = str) -> Any:
             value = raw.get(key) if isinstance(raw, dict) else None

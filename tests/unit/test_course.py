@@ -212,3 +212,9 @@ def test_no_restart_names_the_replaced_pods():
     lab = RecordedLab([pod("b-new")], {})
     r = checks.CHECKS["no_restart"](lab, {}, checks.Context(baseline={"pods/default": ["b-old"]}))
     assert not r.ok and "b-old was replaced by b-new" in r.observed and "without restarting" not in r.observed
+
+
+def test_an_entry_that_is_not_a_mapping_is_refused_with_its_line(tmp_path):
+    path = bad_course(tmp_path, "- just a string\n")
+    with pytest.raises(ManifestError, match=r"course.yaml:3: each exercise is a mapping"):
+        load_course(path, set(checks.CHECKS), set(ANSWERS))
