@@ -20,6 +20,10 @@ AddPodToMesh (``POST /cmdadd``, from the chained CNI plugin or the pod informer)
 4. annotate the pod ``ambient.istio.io/redirection: enabled|pending`` (istiod gives a workload
    ``tunnel_protocol=HBONE`` only when it is ``enabled``).
 
+At start, before it accepts ztunnel, the agent lists its node's pods that are already `enabled`
+and takes them back into its cache (Istio's ``ConstructInitialSnapshot``): a restarted agent
+therefore hands ztunnel a snapshot with every enrolled pod, and their listeners stay.
+
 When a ztunnel (re)connects, the ZDS server sends it every cached pod (the snapshot); a pending
 pod the ztunnel acknowledges becomes ``enabled`` and is annotated so. A ztunnel that goes away
 changes no annotation (as in Istio).
@@ -311,8 +315,10 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Plugin socket first (healthz answers 503), then ZDS; ready once ztunnel can connect."""
+        """Plugin socket first (healthz answers 503), then the initial snapshot, then ZDS; ready
+        once ztunnel can connect."""
         await self.plugin.start()
+        await self.construct_initial_snapshot()
         await self.zds.start()
         self._annotate_task = asyncio.create_task(self._annotate_loop(), name="annotate")
         self._ready = True
@@ -320,6 +326,37 @@ class NodeAgent:
                   zds_socket=self.zds.path, dns_capture=self.iptables.dns_capture)
         self.emitter.emit("cni.ready", f"istio-cni on {self.node} is ready: ztunnel may connect to "
                           f"{self.zds.path}", zds_socket=self.zds.path, plugin_socket=self.plugin.path)
+
+    async def construct_initial_snapshot(self) -> None:
+        """Before serving ZDS, take back the node's pods that are already in the mesh (annotation
+        `enabled`), as istio-cni's `ConstructInitialSnapshot` does from its informer: a ztunnel
+        that connects to a restarted agent then finds them in the snapshot and keeps their
+        listeners, instead of draining every pod of the node. Their rules are already in place."""
+        try:
+            listed = await asyncio.to_thread(self.list_enrolled_pods)
+        except Exception as e:  # noqa: BLE001 - no API server (a test rig): start with an empty snapshot
+            self._log(logging.INFO, "no initial snapshot: the pod list is not available", error=str(e))
+            return
+        for body in listed:
+            try:
+                req = parse_pod_request({**body, "source": "informer"}, add=True)
+                fd = open_netns(req.netns)
+            except (BadRequest, OSError) as e:
+                self._log(logging.WARNING, "cannot take back an enrolled pod", pod=body.get("name"), error=str(e))
+                continue
+            pod = self.pods[req.uid] = MeshPod(req, fd, os.fstat(fd).st_ino, redirection="enabled")
+            self._names[req.uid] = req
+            self.zds.upsert_pod(req.uid, WorkloadInfo(req.name, req.namespace, req.service_account), fd)
+            self._log(logging.INFO, "pod taken back into the initial snapshot", pod=req.key, netns_inode=pod.inode)
+        if listed:
+            self.emitter.emit("cni.snapshot.built", f"istio-cni on {self.node} took back {len(self.pods)} enrolled "
+                              f"pod(s) before accepting ztunnel: its snapshot keeps their listeners", pods=len(self.pods))
+
+    def list_enrolled_pods(self) -> list[dict[str, Any]]:
+        """The informer's list: this node's pods annotated `enabled` (from the lab's API server)."""
+        from lab.supervisor.client import call
+
+        return call(self.lab, "node_pods", node=self.node, timeout=5)["pods"]
 
     async def close(self) -> None:
         """Stop serving. Rules stay in the pods (Istio leaves them); fds and sockets are closed."""

@@ -819,6 +819,15 @@ class Supervisor:
         finally:
             self.subscribers.discard(q)
 
+    async def op_node_pods(self, req: dict, reply: Reply) -> None:
+        """istio-cni's informer, listing at agent start: the node's running pods already `enabled`."""
+        pods = [{"uid": pod_uid(p), "name": p.name, "namespace": p.namespace, "ip": p.ip,
+                 "service_account": p.template.service_account if p.template else "default",
+                 "netns": kubelet.netns.path(p.netns)}
+                for p in self.running.values()
+                if p.node == req.get("node") and p.meta.annotations.get(REDIRECTION_ANNOTATION) == "enabled"]
+        await reply({"done": True, "pods": pods})
+
     async def op_annotate(self, req: dict, reply: Reply) -> None:
         """The istio-cni agent patches a pod's annotation (`ambient.istio.io/redirection`)."""
         pod = self.api.get("Pod", req["namespace"], req["pod"])

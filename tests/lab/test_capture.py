@@ -208,6 +208,22 @@ def test_kill_and_restart_ztunnel(mesh_lab: Lab):
              timeout=10, what="traffic after ztunnel restart")
 
 
+def test_restarting_istio_cni_keeps_the_pods_listeners(mesh_lab: Lab):
+    """A restarted agent takes its node's enrolled pods back before ztunnel reconnects (its initial
+    snapshot): ztunnel keeps their listeners, and traffic to them never stops."""
+    p = pod(mesh_lab, "productpage-")
+    node = p["spec"]["nodeName"]
+    t0 = time.time()
+    mesh_lab("restart", "istio-cni", node)
+    built = wait_for(lambda: [e for e in events(mesh_lab, t0) if e["kind"] == "cni.snapshot.built"
+                              and e.get("node") == node], what="the initial snapshot")
+    assert "took back" in built[0]["msg"]
+    removed = [e for e in events(mesh_lab, t0) if e["kind"] == "ztunnel.workload.removed"]
+    assert removed == [], removed
+    assert redirection(pod(mesh_lab, "productpage-")) == "enabled"
+    assert "Simple Bookstore App" in curl(mesh_lab, "deploy/curl", "http://productpage:9080/productpage").stdout
+
+
 FAIL_CLOSED = """apiVersion: v1
 kind: Namespace
 metadata: {{name: closed, labels: {{istio.io/dataplane-mode: ambient}}}}
