@@ -341,8 +341,12 @@ def no_restart(lab: LiveLab, spec: dict, ctx: Context) -> Result:
                  f"{', '.join(gone)} {'were' if len(gone) > 1 else 'was'} replaced by {', '.join(new) or 'nothing'}",
                  lab.cmd("get", "pods", "-n", ns))
     if gone:
-        res.hints.append("ambient mode enrols running pods where they are: istio-cni's informer sees the label and "
-                         "adds the pod's network namespace to the mesh; no pod has to restart, unlike sidecars")
+        deleted = [e for e in lab.events(ctx.started) if e["kind"] == "pod.deleted" and e.get("pod") in gone]
+        when = (f" (the lab deleted {deleted[0]['pod']} at {time.strftime('%H:%M:%S', time.localtime(deleted[0]['ts']))}:"
+                f" a Deployment change replaced it)" if deleted else "")
+        res.hints.append(f"{', '.join(gone)} no longer run{when}; ambient mode enrols running pods where they are: "
+                         f"istio-cni's informer sees the label and adds each pod's network namespace to the mesh, "
+                         f"so no pod has to restart, unlike sidecars")
     return res
 
 
@@ -372,8 +376,12 @@ def component(lab: LiveLab, spec: dict, ctx: Context) -> Result:
     ok = bool(rows) and all(c["running"] for c in rows)
     res = Result(ok, f"{what} on {node} should be running", "it is not", lab.cmd("status"))
     if not ok:
-        res.hints.append(f"{what} on {lab.name}-{node} has exited: `ambient-lab logs {what} --node {node}` shows "
-                         f"its last words, and a DaemonSet would have restarted it")
+        ended = [e for e in lab.events() if e["kind"] in ("component.killed", "component.exited")
+                 and e.get("component") == what and e.get("node", "").endswith(node)]
+        how = f"{ended[-1]['msg']} at {time.strftime('%H:%M:%S', time.localtime(ended[-1]['ts']))}" if ended else \
+            f"{what} on {node} is not running"
+        res.hints.append(f"{how}; `ambient-lab logs {what} --node {node}` shows its last words (a DaemonSet would "
+                         f"have restarted it; here `ambient-lab restart` does)")
     return res
 
 

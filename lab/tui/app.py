@@ -94,6 +94,7 @@ class LabApp(App):
         self.tick = tick
         self.stats = PumpStats()
         self.commands_run: collections.deque[list[str]] = collections.deque(maxlen=100)  # what keys/actions ran
+        self._exercise_seen: tuple[float, str] = (-1.0, "")  # progress file mtime, current exercise
 
     # -- the data pump -----------------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -130,9 +131,27 @@ class LabApp(App):
         parts = []
         if self.backend.live:
             parts.append(f"{self.stats.rate():.0f} msg/s")
+            if exercise := self.current_exercise():
+                parts.append(f"exercise {exercise} (6)")
         if self.backend.dropped:
             parts.append(f"{self.backend.dropped} dropped")
         return ", ".join(parts)
+
+    def current_exercise(self) -> str:
+        """The learner's current exercise, from the course's progress file (re-read when it changes)."""
+        from lab.course.progress import FILE_NAME, Progress
+        from lab.course.runner import exercises_dir
+
+        path = exercises_dir().parent / FILE_NAME
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return ""
+        if self._exercise_seen[0] != mtime:
+            progress = Progress.load(exercises_dir())
+            current = progress.current if progress.current not in progress.done else ""
+            self._exercise_seen = (mtime, current)
+        return self._exercise_seen[1]
 
     # -- navigation --------------------------------------------------------------------------------
     async def action_go(self, where: str) -> None:
