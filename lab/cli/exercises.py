@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lab.common.errors import LabError
@@ -49,6 +50,9 @@ def cmd_ex(args: argparse.Namespace) -> int:
         print("progress cleared")
         return 0
     ex = course.find(args.exercise)
+    if args.action != "solution" and os.geteuid() != 0:
+        raise LabError(f"ambient-lab ex {args.action} needs root: it reads and changes the exercise's lab",
+                       f"run it with sudo: sudo ambient-lab ex {args.action} {ex.name}")
     if args.action == "start":
         runner.start(course, ex)
     elif args.action == "check":
