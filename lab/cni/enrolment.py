@@ -24,9 +24,9 @@ graded against the truth table in ``tests/unit/test_enrolment.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Mapping
 
-from lab.kube.model import DATAPLANE_MODE_LABEL
+from lab.kube.model import DATAPLANE_MODE_LABEL, LabelSelector, Requirement
 
 #: The value of ``istio.io/dataplane-mode`` that enrols a pod or a namespace.
 AMBIENT = "ambient"
@@ -34,47 +34,6 @@ AMBIENT = "ambient"
 NONE = "none"
 
 Labels = Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """One ``matchExpressions`` entry of a Kubernetes label selector.
-
-    Operators as in Kubernetes: ``In`` / ``NotIn`` (a missing key satisfies ``NotIn``),
-    ``Exists`` / ``DoesNotExist``.
-    """
-
-    key: str
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: tuple[str, ...] = ()
-
-    def matches(self, labels: Labels) -> bool:
-        present = self.key in labels
-        if self.operator == "In":
-            return present and labels[self.key] in self.values
-        if self.operator == "NotIn":
-            return not present or labels[self.key] not in self.values
-        if self.operator == "Exists":
-            return present
-        if self.operator == "DoesNotExist":
-            return not present
-        raise ValueError(f"unknown label selector operator {self.operator!r}")
-
-
-@dataclass(frozen=True)
-class LabelSelector:
-    """A Kubernetes ``LabelSelector``: every matchLabels pair and every expression must hold.
-
-    An empty selector matches everything (Kubernetes' rule for ``metav1.LabelSelector``).
-    """
-
-    match_labels: Mapping[str, str] = field(default_factory=dict)
-    match_expressions: tuple[Requirement, ...] = ()
-
-    def matches(self, labels: Labels) -> bool:
-        return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
-            r.matches(labels) for r in self.match_expressions
-        )
 
 
 @dataclass(frozen=True)
@@ -117,18 +76,3 @@ def pod_is_ambient(pod_labels: Labels, namespace_labels: Labels) -> bool:
     ``istio.io/dataplane-mode=none``. Anything else -> no.
     """
     return selected(DEFAULT_ENABLEMENT_SELECTORS, pod_labels or {}, namespace_labels or {})
-
-
-def enrolment_change(was: bool, now: bool) -> Literal["add", "remove"] | None:
-    """What the node agent's informer does when a pod's enrolment may have changed.
-
-    ``was``: the pod was captured before the label/namespace event; ``now``: it is after.
-    ``"add"`` -> AddPodToMesh (rules + ZDS Add), ``"remove"`` -> RemovePodFromMesh (rules out,
-    ZDS Del, annotation removed), ``None`` -> nothing to do. Enrolling or un-enrolling a running
-    pod resets its existing connections (istio/istio#48876).
-    """
-    if now and not was:
-        return "add"
-    if was and not now:
-        return "remove"
-    return None

@@ -8,8 +8,9 @@ the cluster builder, kube-proxy and later istiod read them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 # Label and annotation keys the lab acts on (their meaning is in reference/istio-ambient.md §1.4, §3.5).
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
@@ -182,3 +183,59 @@ def pod_labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     An empty selector selects nothing for a Service (Kubernetes then manages no endpoints).
     """
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+# -- label selectors (metav1.LabelSelector) ---------------------------------------------------------
+Labels = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One ``matchExpressions`` entry of a Kubernetes label selector.
+
+    Operators as in Kubernetes: ``In`` / ``NotIn`` (a missing key satisfies ``NotIn``),
+    ``Exists`` / ``DoesNotExist``.
+    """
+
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Labels) -> bool:
+        present = self.key in labels
+        if self.operator == "In":
+            return present and labels[self.key] in self.values
+        if self.operator == "NotIn":
+            return not present or labels[self.key] not in self.values
+        if self.operator == "Exists":
+            return present
+        if self.operator == "DoesNotExist":
+            return not present
+        raise ValueError(f"unknown label selector operator {self.operator!r}")
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A Kubernetes ``LabelSelector``: every matchLabels pair and every expression must hold.
+
+    An empty selector matches everything (Kubernetes' rule for ``metav1.LabelSelector``).
+    """
+
+    match_labels: Mapping[str, str] = field(default_factory=dict)
+    match_expressions: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Labels) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
+            r.matches(labels) for r in self.match_expressions
+        )
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> "LabelSelector":
+        """A selector as manifests write it (`matchLabels`, `matchExpressions`); ValueError if malformed."""
+        raw = raw or {}
+        exprs = []
+        for e in raw.get("matchExpressions") or []:
+            if e.get("operator") not in ("In", "NotIn", "Exists", "DoesNotExist"):
+                raise ValueError(f"unknown label selector operator {e.get('operator')!r}")
+            exprs.append(Requirement(str(e.get("key", "")), e["operator"], tuple(str(v) for v in e.get("values") or ())))
+        return cls(dict(raw.get("matchLabels") or {}), tuple(exprs))

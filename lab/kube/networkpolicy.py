@@ -31,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lab.kube.model import LabelSelector
+
 CHAIN = "KUBE-NWPLCY"
 
 
@@ -43,18 +45,8 @@ class PodInfo:
 
 
 def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
-    """A LabelSelector (matchLabels, matchExpressions In/NotIn/Exists/DoesNotExist); {} selects all."""
-    sel = selector or {}
-    if any(labels.get(k) != v for k, v in (sel.get("matchLabels") or {}).items()):
-        return False
-    for e in sel.get("matchExpressions") or []:
-        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
-        present = key in labels
-        if (op == "In" and not (present and labels[key] in values)) or \
-           (op == "NotIn" and present and labels[key] in values) or \
-           (op == "Exists" and not present) or (op == "DoesNotExist" and present):
-            return False
-    return True
+    """A LabelSelector as a manifest writes it; {} selects all (Kubernetes' metav1.LabelSelector)."""
+    return LabelSelector.from_dict(selector).matches(labels)
 
 
 def is_ingress_policy(spec: dict[str, Any]) -> bool:
@@ -88,12 +80,17 @@ def render_rules(policies: list[dict[str, Any]], pods: list[PodInfo],
             warnings.append(f"networkpolicy {ns}/{md.get('name')}: egress rules are not enforced by the lab")
         if not is_ingress_policy(spec):
             continue
-        targets = [p for p in pods if p.namespace == ns and p.ip and selects(spec.get("podSelector"), p.labels)]
+        try:
+            targets = [p for p in pods if p.namespace == ns and p.ip and selects(spec.get("podSelector"), p.labels)]
+            peers_of = {id(peer): peer_ips(peer, ns, pods, namespaces)
+                        for rule in spec.get("ingress") or [] for peer in rule.get("from") or []}
+        except ValueError as e:
+            warnings.append(f"networkpolicy {ns}/{md.get('name')}: {e}; the policy is ignored")
+            continue
         for t in targets:
             allows.setdefault(t.ip, [])
         for rule in spec.get("ingress") or []:
-            sources = (["0.0.0.0/0"] if not rule.get("from") else
-                       [ip for peer in rule["from"] for ip in peer_ips(peer, ns, pods, namespaces)])
+            sources = ["0.0.0.0/0"] if not rule.get("from") else [ip for peer in rule["from"] for ip in peers_of[id(peer)]]
             ports: list[int | None] = []
             for port in rule.get("ports") or [{}]:
                 value = port.get("port")

@@ -7,13 +7,11 @@ import pytest
 from lab.cni.enrolment import (
     DEFAULT_ENABLEMENT_SELECTORS,
     EnablementSelector,
-    LabelSelector,
-    Requirement,
-    enrolment_change,
     pod_is_ambient,
     selected,
 )
 from lab.kube.model import DATAPLANE_MODE_LABEL as MODE
+from lab.kube.model import LabelSelector, Requirement
 
 POD = {"ambient": {MODE: "ambient"}, "none": {MODE: "none"}, "absent": {}}
 NS = {"ambient": {MODE: "ambient"}, "absent": {}}
@@ -71,17 +69,3 @@ def test_selectors_are_an_or_of_ands() -> None:
     assert selected(team, {"team": "a"}, {"env": "prod"})
     assert not selected(team, {"team": "a"}, {"env": "dev"})
     assert not selected(team, {"team": "b"}, {"env": "prod"})
-
-
-@pytest.mark.parametrize(("was", "now", "change"), [
-    (False, True, "add"), (True, False, "remove"), (True, True, None), (False, False, None)])
-def test_enrolment_change(was: bool, now: bool, change: str | None) -> None:
-    assert enrolment_change(was, now) == change
-
-
-def test_change_follows_labels() -> None:
-    ns = {MODE: "ambient"}
-    before = pod_is_ambient({}, ns)
-    after = pod_is_ambient({MODE: "none"}, ns)
-    assert enrolment_change(before, after) == "remove"
-    assert enrolment_change(after, pod_is_ambient({}, ns)) == "add"

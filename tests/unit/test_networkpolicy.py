@@ -58,3 +58,9 @@ def test_selectors():
     assert selects({}, {"a": "1"}) and selects(None, {})
     assert selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "1"})
     assert not selects({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": "1"})
+
+
+def test_a_malformed_selector_ignores_the_policy_and_says_so():
+    bad = policy({"podSelector": {"matchExpressions": [{"key": "app", "operator": "Like"}]}, "ingress": [{}]}, "bad")
+    text, warnings = render_rules([bad], PODS, NS)
+    assert "DROP" not in text and "unknown label selector operator 'Like'" in warnings[0]
