@@ -40,8 +40,6 @@ class Course:
 
     @classmethod
     def load(cls, directory: Path | None = None) -> "Course":
-        from lab.course.answers import ANSWERS
-
         d = directory or exercises_dir()
         manifest = d / "course.yaml"
         if not manifest.is_file():
