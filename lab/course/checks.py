@@ -393,8 +393,9 @@ def pods_running(lab: LiveLab, spec: dict, ctx: Context) -> Result:
     res = Result(bool(pods) and not stuck, f"pods {', '.join(spec.get('pods') or [ns])} should be Running",
                  f"{', '.join(pod_name(p) + ' is ' + p['status'].get('phase', '?') for p in stuck)}",
                  lab.cmd("get", "pods", "-n", ns))
+    sandbox_failures = [e for e in lab.events() if e["kind"] == "pod.sandbox.failed"] if stuck else []
     for p in stuck[:2]:
-        failed = [e for e in lab.events() if e["kind"] == "pod.sandbox.failed" and e.get("pod") == pod_name(p)]
+        failed = [e for e in sandbox_failures if e.get("pod") == pod_name(p)]
         if failed:
             res.hints.append(f"{pod_name(p)}: {failed[-1]['msg']}")
     return res
